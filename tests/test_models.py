@@ -1,0 +1,110 @@
+"""Property tests (hypothesis) of the shared blocks and the dense baseline, and its bad-input errors."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from mice.attention import Attention, RotaryEmbedding, causal_mask
+from mice.models import ModelConfig, Transformer, build_model, generate
+
+SMALL = settings(max_examples=25, deadline=None)
+
+
+@st.composite
+def gqa_shapes(draw):
+    g = draw(st.sampled_from([1, 2, 4]))
+    h = g * draw(st.sampled_from([1, 2, 3]))
+    return h, g, draw(st.integers(1, 3)), draw(st.integers(1, 10))
+
+
+@SMALL
+@given(gqa_shapes(), st.integers(0, 2**16))
+def test_cache_equals_recompute(shape, seed):
+    H, G, B, T = shape
+    torch.manual_seed(seed)
+    attn = Attention(8 * H, H, G)
+    x = torch.randn(B, T, 8 * H)
+    full = attn(x, torch.arange(T))
+    kb = torch.zeros(B, G, T, 8)
+    vb = torch.zeros_like(kb)
+    steps = [attn(x[:, t:t + 1], torch.arange(t, t + 1), causal_mask(1, t), (kb, vb), t) for t in range(T)]
+    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-5
+
+
+@SMALL
+@given(st.integers(1, 12), st.integers(0, 12))
+def test_causal_mask_is_bottom_right(T, start):
+    m = causal_mask(T, start)
+    if start == 0:
+        assert m is None
+        return
+    m = m[0, 0]
+    assert m.shape == (T, start + T)
+    for i in range(T):
+        assert m[i].sum() == start + i + 1 and m[i, : start + i + 1].all()
+
+
+@SMALL
+@given(st.integers(0, 500), st.integers(0, 500), st.integers(0, 300))
+def test_rope_scores_depend_on_offset_only(m, n, shift):
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(16)
+    q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
+    s = lambda a, b: (rope(q, torch.tensor([a])) * rope(k, torch.tensor([b]))).sum()
+    assert torch.allclose(s(m, n), s(m + shift, n + shift), atol=1e-4)
+
+
+@SMALL
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=3), st.integers(0, 5))
+def test_generate_batch_equals_each_prompt_alone(lengths, new):
+    torch.manual_seed(1)
+    model = Transformer(ModelConfig(vocab_size=31, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=32))
+    prompts = [torch.randint(0, 31, (n,)).tolist() for n in lengths]
+    batched = generate(model, prompts, new, temperature=0)
+    assert batched == [generate(model, [p], new, temperature=0)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.tensor([[0, 31]]), "outside [0, 31)"),
+    (torch.tensor([[-1, 2]]), "outside [0, 31)"),
+    (torch.zeros(1, 0, dtype=torch.long), "empty"),
+    (torch.zeros(4, dtype=torch.long), "[batch, seq_len]"),
+    (torch.zeros(1, 4), "integer token ids"),
+    ([[1, 2]], "torch.Tensor"),
+    (torch.zeros(1, 33, dtype=torch.long), "max_seq_len"),
+])
+def test_bad_token_input(bad, message):
+    model = Transformer(ModelConfig(vocab_size=31, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=32))
+    with pytest.raises((ValueError, TypeError)) as e:
+        model(bad)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dim=30, n_heads=4), "divisible by n_heads"),
+    (dict(n_heads=4, n_kv_heads=3), "divisible by n_kv_heads"),
+    (dict(dim=12, n_heads=4, n_kv_heads=4), "must be even"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(n_layers=-1), "n_layers"),
+])
+def test_contradictory_config(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        ModelConfig(**kwargs)
+    assert message in str(e.value)
+
+
+def test_unknown_model_and_preset():
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        build_model("nope")
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        build_model("dense", "huge")
+
+
+def test_generate_rejects_bad_arguments():
+    model = Transformer(ModelConfig(vocab_size=31, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=8))
+    for kwargs, msg in [(dict(prompts=[[]], max_new_tokens=1), "non-empty"),
+                        (dict(prompts=[[1]], max_new_tokens=-1), "max_new_tokens"),
+                        (dict(prompts=[[1]], max_new_tokens=1, temperature=-1), "temperature"),
+                        (dict(prompts=[[1]], max_new_tokens=1, top_k=0), "top_k"),
+                        (dict(prompts=[[1] * 5], max_new_tokens=5), "max_seq_len")]:
+        with pytest.raises(ValueError, match=msg):
+            generate(model, **kwargs)
