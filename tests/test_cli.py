@@ -1,0 +1,124 @@
+"""The `mice` command as a user runs it: the main job, generation, resuming, benchmarks, and every bad argument."""
+import json
+import re
+import subprocess
+
+import pytest
+
+from conftest import bin_path
+
+SMALL = ["--set", "dim=32", "--set", "n_layers=1", "--set", "n_heads=2", "--set", "n_kv_heads=1",
+         "--batch-size", "4", "--seq-len", "32", "--eval-tokens", "2048", "--sample-tokens", "8", "--no-progress"]
+
+
+def mice(*args, timeout=900):
+    return subprocess.run([bin_path("mice"), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def val_bpb(output: str) -> float:
+    return float(re.search(r"validation: ([0-9.]+) bits/byte", output).group(1))
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    "The README's main job, `mice train` with its defaults (only the output folder moved)."
+    out = tmp_path_factory.mktemp("default")
+    r = mice("train", "--out-dir", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_main_job_beats_the_bigram_floor(default_run):
+    from mice.training import ngram_floors, text_files
+    out, r = default_run
+    read = lambda split: "".join(p.read_text() for p in text_files(split))
+    floors = ngram_floors(read("train"), read("validation"))
+    bpb = val_bpb(r.stdout)
+    print(f"default run: {bpb:.3f} bits/byte; floors: {floors}")
+    assert bpb < floors["bigram_bpb"] - 0.5, (bpb, floors)
+    assert "(full validation split)" in r.stdout and "--- sample ---" in r.stdout
+    assert "train:" in r.stderr, "the progress bar is shown"
+    assert (out / "checkpoint.safetensors").is_file()
+
+
+def test_generate_from_the_checkpoint(default_run):
+    out, _ = default_run
+    r = mice("generate", "--checkpoint", out / "checkpoint.safetensors", "--prompt", "ROMEO:", "--tokens", "20", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ROMEO:") and len(r.stdout) > len("ROMEO:") + 10
+    again = mice("generate", "--checkpoint", out / "checkpoint.safetensors", "--prompt", "ROMEO:", "--tokens", "20", "--seed", "3")
+    assert again.stdout == r.stdout, "a seed reproduces a sample"
+
+
+def test_resume_continues_the_run(tmp_path):
+    r = mice("train", "--steps", "4", "--eval-every", "2", "--out-dir", tmp_path, *SMALL)
+    assert r.returncode == 0, r.stderr
+    r = mice("train", "--steps", "6", "--eval-every", "2", "--out-dir", tmp_path, "--resume", *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert "step     6" in r.stdout and "step     2" not in r.stdout
+    from mice.training import load_checkpoint
+    assert load_checkpoint(tmp_path / "checkpoint.safetensors").step == 6
+
+
+def test_bench_runs_on_cpu_and_writes_json(tmp_path):
+    r = mice("bench", "matmul", "--device", "cpu", "--sizes", "64", "128", "--repeat", "3", "--warmup", "1",
+             "--out", tmp_path / "m.json")
+    assert r.returncode == 0, r.stderr
+    assert "matmul n=128" in r.stdout and "TFLOP/s" in r.stdout
+    rows = json.loads((tmp_path / "m.json").read_text())["results"]
+    assert {row["name"] for row in rows} >= {"matmul n=64", "matmul n=128"}
+    assert all(row["env"]["torch"] for row in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--model", "nope"], "unknown model 'nope'"),
+    (["train", "--preset", "huge"], "unknown preset 'huge'"),
+    (["train", "--steps", "0"], "steps"),
+    (["train", "--lr", "-1"], "lr"),
+    (["train", "--set", "dim"], "key=value"),
+    (["train", "--set", "dim=30", "--set", "n_heads=4"], "divisible by n_heads"),
+    (["train", "--device", "cuda"], "CUDA is not available"),
+    (["train", "--resume", "/no/such.safetensors"], "checkpoint not found"),
+    (["generate", "--checkpoint", "/no/such.safetensors"], "checkpoint not found"),
+    (["generate", "--tokens", "-3"], "--tokens"),
+    (["bench", "nosuch"], "invalid choice: 'nosuch'"),
+    (["bench", "matmul", "--tokens", "0"], "positive integer"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_arguments_give_one_clear_line(args, message):
+    r = mice(*args)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated", "flipped byte", "other safetensors"])
+def test_corrupted_checkpoint_is_refused(tmp_path, damage):
+    r = mice("train", "--steps", "2", "--eval-every", "2", "--out-dir", tmp_path, *SMALL)
+    assert r.returncode == 0, r.stderr
+    ck = tmp_path / "checkpoint.safetensors"
+    raw = bytearray(ck.read_bytes())
+    if damage == "random bytes": ck.write_bytes(bytes(range(256)) * 8)
+    elif damage == "truncated": ck.write_bytes(raw[: len(raw) // 2])
+    elif damage == "flipped byte":
+        raw[-100] ^= 0x01
+        ck.write_bytes(raw)
+    else:
+        import torch
+        from safetensors.torch import save_file
+        save_file({"w": torch.zeros(3)}, str(ck))
+    r = mice("generate", "--checkpoint", ck, "--tokens", "5")
+    assert r.returncode == 2 and ("corrupted" in r.stderr or "not a mice checkpoint" in r.stderr), r.stderr
+    r = mice("train", "--steps", "4", "--out-dir", tmp_path, "--resume", *SMALL)
+    assert r.returncode == 2 and ("corrupted" in r.stderr or "not a mice checkpoint" in r.stderr), r.stderr
+
+
+def test_ddp_with_two_processes_on_cpu(tmp_path):
+    "Training scales out through torch.distributed: torchrun, gloo on the CPU, two ranks."
+    r = subprocess.run([bin_path("torchrun"), "--standalone", "--nproc_per_node", "2", bin_path("mice"), "train",
+                        "--steps", "4", "--eval-every", "4", "--out-dir", str(tmp_path), *SMALL],
+                       capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("validation:") == 1, "only rank 0 reports"
+    from mice.training import load_checkpoint
+    assert load_checkpoint(tmp_path / "checkpoint.safetensors").step == 4
