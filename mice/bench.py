@@ -7,14 +7,14 @@ __all__ = ['DTYPES', 'SUITES', 'Timing', 'time_fn', 'Result', 'matmul_result', '
            'floor_ms', 'sdpa_backend', 'environment', 'peak_memory', 'bench_step', 'compare', 'format_table',
            'save_json', 'load_json', 'suite', 'parse_args', 'main', 'matmul_suite', 'swiglu_suite', 'model_suite']
 
-# %% ../nbs/09_bench.ipynb #64c9d518
+# %% ../nbs/09_bench.ipynb #17e931cc
 import argparse, datetime, importlib.metadata, json, math, platform, statistics, time, warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# %% ../nbs/09_bench.ipynb #423eec85
+# %% ../nbs/09_bench.ipynb #42b66a7f
 @dataclass
 class Timing:
     "Milliseconds per call: median, 10th and 90th percentiles, minimum, and every sample."
@@ -31,7 +31,7 @@ class Timing:
 
     def __str__(self): return f"{self.median:.3f} ms (p10 {self.p10:.3f}, p90 {self.p90:.3f}, n={len(self.samples)})"
 
-# %% ../nbs/09_bench.ipynb #a4dfebac
+# %% ../nbs/09_bench.ipynb #a43f0903
 def _is_cuda(device): return torch.device(device).type == "cuda"
 
 def time_fn(fn, *, inputs=((),), warmup=3, repeat=20, device=None) -> Timing:
@@ -52,7 +52,7 @@ def time_fn(fn, *, inputs=((),), warmup=3, repeat=20, device=None) -> Timing:
         t0 = time.perf_counter(); fn(*args(i)); ms.append((time.perf_counter() - t0) * 1e3)
     return Timing.of(ms)
 
-# %% ../nbs/09_bench.ipynb #6357b843
+# %% ../nbs/09_bench.ipynb #663f1488
 @dataclass
 class Result:
     "One measured workload: its times, what it computes, the same-run ceilings and the environment it ran in."
@@ -85,7 +85,7 @@ class Result:
     @property
     def gbs(self): return self.nbytes / self.ms / 1e6 if self.nbytes else None
 
-# %% ../nbs/09_bench.ipynb #c5f52836
+# %% ../nbs/09_bench.ipynb #b6f5a288
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def matmul_result(n, device, dtype, *, warmup=3, repeat=20) -> Result:
@@ -115,7 +115,7 @@ def floor_ms(flops, nbytes, tflops, gbs) -> float:
     "Fastest possible time in ms: the larger of `flops` at `tflops` TFLOP/s and `nbytes` at `gbs` GB/s."
     return max(flops / tflops / 1e9, nbytes / gbs / 1e6)
 
-# %% ../nbs/09_bench.ipynb #6326e4e6
+# %% ../nbs/09_bench.ipynb #4371d6d4
 def sdpa_backend(q, k, v, **kw) -> str:
     "Name of the SDPA backend torch runs for `q, k, v` and SDPA keywords `kw` (first that runs alone, in torch's order)."
     with warnings.catch_warnings():
@@ -130,7 +130,7 @@ def sdpa_backend(q, k, v, **kw) -> str:
             except RuntimeError: pass
     return "ERROR"
 
-# %% ../nbs/09_bench.ipynb #08ac394b
+# %% ../nbs/09_bench.ipynb #06495d91
 def _cpu_name():
     info = Path("/proc/cpuinfo")
     names = [l.split(":", 1)[1].strip() for l in info.read_text().splitlines() if l.startswith("model name")] if info.exists() else []
@@ -155,7 +155,7 @@ def environment(device, dtype, sdpa_shape=(1, 8, 256, 64)) -> dict:
     env["sdpa"] = sdpa_backend(q, k, v, is_causal=True)
     return env
 
-# %% ../nbs/09_bench.ipynb #71cecb0b
+# %% ../nbs/09_bench.ipynb #6a92daf9
 def peak_memory(device) -> tuple:
     "(peak MiB since the last `torch.cuda.reset_peak_memory_stats`, how it was measured); (None, ...) on cpu."
     if _is_cuda(device): return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
@@ -180,7 +180,7 @@ def bench_step(name, fn, inputs, *, tokens, flops, step_flops=None, params=None,
     return Result(name, tokens, flops, 3 * flops if step_flops is None else step_flops, fwd=fwd, step=step,
                   peak_mib=mib, memory=how, **kw)
 
-# %% ../nbs/09_bench.ipynb #c4cf52d9
+# %% ../nbs/09_bench.ipynb #9ccc6c6b
 def compare(rows, baseline) -> list:
     "Copies of `rows` with `baseline`, `time_x` and `speed_x` filled in against the row named `baseline`."
     base = next((r for r in rows if r.name == baseline), None)
@@ -195,7 +195,7 @@ def _check_report(results):
             raise ValueError(f"results: row {r.name!r} has baseline {r.baseline!r}, which is not among the rows; "
                              "pass rows through compare(rows, baseline=...) first")
 
-# %% ../nbs/09_bench.ipynb #f2fb50fd
+# %% ../nbs/09_bench.ipynb #f2ef724f
 def _num(x, digits=2): return "-" if x is None else f"{x:,.{digits}f}"
 
 def _si(x):
@@ -231,7 +231,7 @@ def load_json(path) -> list:
         return Result(**d | {k: Timing(**d[k]) for k in ("fwd", "step") if d[k]})
     return [result(d) for d in json.loads(Path(path).read_text())["results"]]
 
-# %% ../nbs/09_bench.ipynb #bb07d645
+# %% ../nbs/09_bench.ipynb #fad66e3d
 SUITES = {}
 
 def suite(name):
@@ -272,11 +272,13 @@ def main(argv=None):
     if args.out: save_json(results, args.out)
     print(format_table(results))
 
-# %% ../nbs/09_bench.ipynb #78fd3fee
-def _reference(args, dtype, env):
-    "The same-run matmul row every suite reports against (n = 8192 on cuda, 1024 on cpu)."
-    ref = matmul_result(8192 if args.device == "cuda" else 1024, args.device, dtype, warmup=args.warmup, repeat=args.repeat)
-    return replace(ref, peak_tflops=ref.tflops, env=env)
+# %% ../nbs/09_bench.ipynb #790c5e9d
+def _context(args):
+    "Device, dtype, environment and the same-run matmul row (n = 8192 on cuda, 1024 on cpu) every suite reports against."
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    env = environment(device, dtype)
+    ref = matmul_result(8192 if device.type == "cuda" else 1024, device, dtype, warmup=args.warmup, repeat=args.repeat)
+    return device, dtype, env, replace(ref, peak_tflops=ref.tflops, env=env)
 
 @suite("matmul")
 def matmul_suite(args):
@@ -289,16 +291,14 @@ def matmul_suite(args):
     copy = replace(copy_result(args.device, **timer), env=env)
     return compare(rows, rows[-1].name) + compare([copy], copy.name)
 
-# %% ../nbs/09_bench.ipynb #fae0299e
+# %% ../nbs/09_bench.ipynb #16f2d10e
 from .attention import SwiGLU, swiglu_hidden
 
-# %% ../nbs/09_bench.ipynb #955850a0
+# %% ../nbs/09_bench.ipynb #78ba36b8
 @suite("swiglu")
 def swiglu_suite(args):
     "SwiGLU MLP vs an equal-FLOP `Linear -> GELU -> Linear` pair at a few widths: fwd and fwd+bwd."
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    env = environment(device, dtype)
-    ref = _reference(args, dtype, env)
+    device, dtype, env, ref = _context(args)
     tokens = args.tokens or (32768 if device.type == "cuda" else 2048)
     rows = compare([ref], ref.name)
     for d in args.sizes or ((1024, 2048, 4096) if device.type == "cuda" else (256, 512)):
@@ -313,14 +313,12 @@ def swiglu_suite(args):
         rows += compare(group, baseline=f"mlp d={d}")
     return rows
 
-# %% ../nbs/09_bench.ipynb #6107e05a
+# %% ../nbs/09_bench.ipynb #c13646e2
 @suite("model")
 def model_suite(args):
     "Train-step tokens/s and MFU of `mice.models` kinds (the first is the baseline) against a same-run matmul."
     from mice.models import build_model
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    env = environment(device, dtype)
-    ref = _reference(args, dtype, env)
+    device, dtype, env, ref = _context(args)
     amp = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     rows = []
     for kind in args.models:
@@ -348,6 +346,6 @@ def model_suite(args):
                            note=f"B={B} T={T}; step = fwd+bwd+AdamW{', compiled' if args.compile else ''}", env=env_kind))
     return compare([ref], ref.name) + compare(rows, args.models[0])
 
-# %% ../nbs/09_bench.ipynb #16ca68e3
+# %% ../nbs/09_bench.ipynb #c6f62d5e
 # `python -m mice.bench` sets __spec__; a notebook kernel, nbdev_test's shell and `python 09_bench.py` leave it None
 if __name__ == "__main__" and __spec__ is not None: main()

@@ -122,3 +122,10 @@ def test_ddp_with_two_processes_on_cpu(tmp_path):
     assert r.stdout.count("validation:") == 1, "only rank 0 reports"
     from mice.training import load_checkpoint
     assert load_checkpoint(tmp_path / "checkpoint.safetensors").step == 4
+
+
+def test_help_of_every_command():
+    for args in (["-h"], ["train", "-h"], ["generate", "-h"], ["bench", "-h"]):
+        r = mice(*args)
+        assert r.returncode == 0 and "usage:" in r.stdout, (args, r.stderr)
+    assert "matmul" in mice("bench", "-h").stdout
