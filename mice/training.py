@@ -444,9 +444,10 @@ def train(c: TrainConfig, resume: str | Path | None = None, stop_at: int | None 
     for name, ids in (("train", train_ids), ("validation", val_ids)):   # once per run, before any device work
         if len(ids) <= c.seq_len: raise ValueError(f"the {name} split has {len(ids)} tokens, fewer than seq_len={c.seq_len} + 1")
         if int(ids.max()) >= len(nbytes): raise ValueError(f"{name} token ids reach {int(ids.max())} >= vocab size {len(nbytes)}: stale cache?")
+    if "vocab_size" in c.model_overrides: raise ValueError("model_overrides: vocab_size is set by the tokenizer, not by hand")
     torch.manual_seed(c.seed)
-    model = build_model(c.model, c.preset, vocab_size=tok.get_vocab_size(), max_seq_len=max(c.seq_len, 1024),
-                        **c.model_overrides).to(device)
+    model = build_model(c.model, c.preset, **{"vocab_size": tok.get_vocab_size(), "max_seq_len": max(c.seq_len, 1024),
+                                              **c.model_overrides}).to(device)
     opt = _optimizer(model, c, device)
     start, ckpt_path = 0, Path(c.out_dir) / "checkpoint.safetensors"
     if resume is not None:

@@ -78,6 +78,7 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     (["train", "--set", "dim"], "key=value"),
     (["train", "--set", "dim=30", "--set", "n_heads=4"], "divisible by n_heads"),
     (["train", "--device", "cuda"], "CUDA is not available"),
+    (["train", "--set", "vocab_size=10"], "vocab_size is set by the tokenizer"),
     (["train", "--resume", "/no/such.safetensors"], "checkpoint not found"),
     (["generate", "--checkpoint", "/no/such.safetensors"], "checkpoint not found"),
     (["generate", "--tokens", "-3"], "--tokens"),
