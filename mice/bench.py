@@ -253,7 +253,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sizes", type=_positive, nargs="+", help="matmul n or model width d (default: the suite's)")
     p.add_argument("--repeat", type=_positive, default=20, help="timed calls; the median is reported")
     p.add_argument("--warmup", type=_positive, default=3, help="untimed calls first")
-    p.add_argument("--compile", action="store_true", help="torch.compile the module under test")
+    p.add_argument("--compile", nargs="?", const="on", choices=("on", "both"),
+                   help="torch.compile the module under test; `both` measures eager and compiled in the same run")
     p.add_argument("--models", nargs="+", default=["dense"], help="model suite: mice.models kinds; the first is the baseline")
     p.add_argument("--preset", help="model suite: mice.models size preset (default: build_model's)")
     p.add_argument("--seq-len", type=_positive, help="model suite: sequence length (default: the config's max_seq_len)")
@@ -273,6 +274,10 @@ def main(argv=None):
     print(format_table(results))
 
 # %% ../nbs/09_bench.ipynb #790c5e9d
+def _modes(args) -> list[bool]:
+    "Which of eager (False) and compiled (True) to measure, from `--compile`."
+    return {None: [False], "on": [True], "both": [False, True]}[args.compile]
+
 def _context(args):
     "Device, dtype, environment and the same-run matmul row (n = 8192 on cuda, 1024 on cpu) every suite reports against."
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -307,10 +312,10 @@ def swiglu_suite(args):
         mlp = nn.Sequential(nn.Linear(d, 3 * h // 2, bias=False), nn.GELU(), nn.Linear(3 * h // 2, d, bias=False))
         kw = dict(tokens=tokens, flops=2 * tokens * 3 * d * h, warmup=args.warmup, repeat=args.repeat, device=device,
                   peak_tflops=ref.tflops, env=env)
-        layers = {f"mlp d={d}": mlp, f"swiglu d={d} h={h}": SwiGLU(d, h)}
-        group = [bench_step(name, torch.compile(m.to(device, dtype)) if args.compile else m.to(device, dtype), xs, **kw)
-                 for name, m in layers.items()]
-        rows += compare(group, baseline=f"mlp d={d}")
+        layers = {f"mlp d={d}": mlp.to(device, dtype), f"swiglu d={d} h={h}": SwiGLU(d, h).to(device, dtype)}
+        group = [bench_step(name + (" compiled" if c else ""), torch.compile(m) if c else m, xs, **kw)
+                 for c in _modes(args) for name, m in layers.items()]
+        rows += compare(group, baseline=group[0].name)
     return rows
 
 # %% ../nbs/09_bench.ipynb #c13646e2
@@ -321,7 +326,8 @@ def model_suite(args):
     device, dtype, env, ref = _context(args)
     amp = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     rows = []
-    for kind in args.models:
+    for kind, compiled in ((k, c) for k in args.models for c in _modes(args)):
+        torch.manual_seed(0)
         model = build_model(kind, **({"preset": args.preset} if args.preset else {})).to(device)
         c = model.config
         T = args.seq_len or c.max_seq_len
@@ -330,7 +336,7 @@ def model_suite(args):
         env_kind = env | dict(sdpa=sdpa_backend(q, k, v, is_causal=True, enable_gqa=c.n_kv_heads != c.n_heads))
         batches = [(torch.randint(c.vocab_size, (B, T + 1), device=device),) for _ in range(2)]
         opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
-        run = torch.compile(model) if args.compile else model
+        run = torch.compile(model) if compiled else model
         def forward(batch):
             with amp(): return run(batch[:, :-1])
         def train_step(batch):
@@ -342,9 +348,10 @@ def model_suite(args):
         step = time_fn(train_step, **timer)
         mib, how = peak_memory(device)
         flops = model.flops_per_token(T) * B * T
-        rows.append(Result(kind, B * T, flops, 3 * flops, fwd=fwd, step=step, peak_mib=mib, memory=how, peak_tflops=ref.tflops,
-                           note=f"B={B} T={T}; step = fwd+bwd+AdamW{', compiled' if args.compile else ''}", env=env_kind))
-    return compare([ref], ref.name) + compare(rows, args.models[0])
+        rows.append(Result(kind + (" compiled" if compiled else ""), B * T, flops, 3 * flops, fwd=fwd, step=step,
+                           peak_mib=mib, memory=how, peak_tflops=ref.tflops,
+                           note=f"B={B} T={T}; step = fwd+bwd+AdamW", env=env_kind))
+    return compare([ref], ref.name) + compare(rows, rows[0].name)
 
 # %% ../nbs/09_bench.ipynb #c6f62d5e
 # `python -m mice.bench` sets __spec__; a notebook kernel, nbdev_test's shell and `python 09_bench.py` leave it None
