@@ -23,6 +23,7 @@ def render() -> str:
         keep.append(cell)
     nb.cells = keep
     body, _ = MarkdownExporter(exclude_input_prompt=True, exclude_output_prompt=True).from_notebook_node(nb)
+    body = re.sub(r"\]\((\w+\.ipynb)", r"](nbs/\1", body)   # links between notebooks, seen from the repository root
     body = re.sub(r"\n{3,}", "\n\n", body).strip() + "\n"
     return "<!-- generated from nbs/index.ipynb by .ci/readme.py: edit the notebook, not this file -->\n\n" + body
 
