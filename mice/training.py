@@ -388,6 +388,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 def load_state(model: nn.Module, state: dict):
     "Load a saved state dict, accepting only the tied-weight aliases that `save_checkpoint` leaves out."
     aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    own = model.state_dict()
+    if bad := [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]:
+        raise ValueError(f"checkpoint does not fit the model: tensor shapes differ (checkpoint vs model): {', '.join(bad[:3])}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - aliases:
         raise ValueError(f"checkpoint does not fit the model: missing {sorted(set(missing) - aliases)}, unexpected {sorted(unexpected)}")

@@ -63,7 +63,7 @@ save_checkpoint({str(path)!r}, Transformer(ModelConfig(vocab_size=40, dim=16, n_
 def test_refuses_a_model_of_another_shape(saved):
     path, _ = saved
     other = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=1, n_heads=2, n_kv_heads=1))
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="tensor shapes differ"):
         load_state(other, load_checkpoint(path).model)
 
 
