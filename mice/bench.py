@@ -370,5 +370,9 @@ def model_suite(args):
     return compare([ref], ref.name) + compare(rows, rows[0].name)
 
 # %% ../nbs/09_bench.ipynb #c6f62d5e
-# `python -m mice.bench` sets __spec__; a notebook kernel, nbdev_test's shell and `python 09_bench.py` leave it None
-if __name__ == "__main__" and __spec__ is not None: main()
+# `python -m mice.bench` sets __spec__; a notebook kernel, nbdev_test's shell and `python 09_bench.py` leave it None.
+# Under `-m` this file runs as `__main__`, while component modules register their suites with the imported
+# `mice.bench`: run that module's `main`, whose `SUITES` they fill.
+if __name__ == "__main__" and __spec__ is not None:
+    from mice.bench import main as _main
+    _main()
