@@ -6,9 +6,9 @@
 __all__ = ['ROUTES', 'EXPERT_IMPLS', 'PERMUTES', 'modulo_table', 'hash_table', 'balanced_table', 'token_counts', 'routing_table',
            'expert_load', 'imbalance', 'sort_by_expert', 'GatherRows', 'grouped_mm_ok', 'grouped_linear',
            'GroupedExperts', 'moe_apply', 'reference_moe', 'reference_errors', 'check_routed_input', 'TokenRoutedMLP',
-           'TopKMoE']
+           'TopKMoE', 'learned_router_load', 'LoopMoE', 'balanced_ids', 'routing_suite']
 
-# %% ../nbs/03_token_routing.ipynb #8f871c02
+# %% ../nbs/03_token_routing.ipynb #d2f9d0c3
 import functools, heapq, math
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from .attention import SwiGLU, swiglu_hidden
 
-# %% ../nbs/03_token_routing.ipynb #47481047
+# %% ../nbs/03_token_routing.ipynb #aea69c29
 ROUTES = ("modulo", "hash", "balanced")
 
 def _check_sizes(vocab_size, n_experts):
@@ -27,12 +27,12 @@ def _check_sizes(vocab_size, n_experts):
 def modulo_table(vocab_size: int, n_experts: int) -> Tensor:
     "The source's table: token id `t` goes to expert `t % n_experts`."
     _check_sizes(vocab_size, n_experts)
-    return torch.arange(vocab_size) % n_experts
+    return torch.arange(vocab_size, device="cpu") % n_experts
 
 def hash_table(vocab_size: int, n_experts: int, seed: int = 0) -> Tensor:
     "Expert of token `t` = `perm[t] % n_experts` for a fixed random permutation `perm` of the vocabulary (from `seed`)."
     _check_sizes(vocab_size, n_experts)
-    perm = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed), device="cpu")
     return perm % n_experts
 
 def balanced_table(counts, n_experts: int, seed: int | None = None) -> Tensor:
@@ -53,7 +53,7 @@ def balanced_table(counts, n_experts: int, seed: int | None = None) -> Tensor:
         heapq.heappush(heap, (load + counts[t], types + 1, r, e))
     return torch.from_numpy(table)
 
-# %% ../nbs/03_token_routing.ipynb #29929fae
+# %% ../nbs/03_token_routing.ipynb #de8ef6ae
 @functools.lru_cache(maxsize=4)
 def _split_counts(split: str, vocab_size: int) -> np.ndarray:
     from mice.training import token_ids
@@ -86,7 +86,7 @@ def imbalance(load) -> float:
     load = np.asarray(load, dtype=np.float64)
     return float(load.max() / load.mean())
 
-# %% ../nbs/03_token_routing.ipynb #93282c44
+# %% ../nbs/03_token_routing.ipynb #bc4319b3
 def sort_by_expert(expert: Tensor, n_experts: int, method: str = "sort") -> tuple[Tensor, Tensor, Tensor]:
     """For the expert of each slot, `expert` [M] (int), return `order` (sorted row -> slot), `inverse` (slot -> sorted
     row) and `offs` [n_experts] (int32 end row of each expert's block). All on `expert`'s device, no host sync."""
@@ -122,14 +122,13 @@ class GatherRows(torch.autograd.Function):
         g = grad.index_select(0, inverse)
         return (g.view(-1, ctx.k, g.shape[-1]).sum(1) if ctx.k > 1 else g), None, None, None
 
-# %% ../nbs/03_token_routing.ipynb #64597f87
-@torch.compiler.assume_constant_result
-def _grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
-    "Whether this torch runs `grouped_mm` for `dtype` on `device_type` (probed once with a tiny call)."
+# %% ../nbs/03_token_routing.ipynb #844453d5
+_PROBED: dict = {}
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
     if mm is None: return False
-    if device_type == "cuda":
-        if torch.cuda.get_device_capability()[0] < 9 or dtype != torch.bfloat16: return False
+    if device_type == "cuda" and (torch.cuda.get_device_capability()[0] < 9 or dtype != torch.bfloat16): return False
     try:
         a = torch.zeros(16, 8, device=device_type, dtype=dtype)
         mm(a, torch.zeros(2, 8, 8, device=device_type, dtype=dtype), offs=torch.tensor([8, 16], device=device_type, dtype=torch.int32))
@@ -137,7 +136,11 @@ def _grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
     except (RuntimeError, NotImplementedError, TypeError):
         return False
 
-_grouped_mm_runs = functools.lru_cache(_grouped_mm_runs) if not hasattr(_grouped_mm_runs, "cache_info") else _grouped_mm_runs
+@torch.compiler.assume_constant_result
+def _grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
+    "Whether this torch runs `grouped_mm` for `dtype` on `device_type` (probed once with a tiny call; a constant to dynamo)."
+    if (device_type, dtype) not in _PROBED: _PROBED[device_type, dtype] = _probe_grouped_mm(device_type, dtype)
+    return _PROBED[device_type, dtype]
 
 def grouped_mm_ok(x: Tensor, *weights: Tensor) -> bool:
     "Whether `grouped_linear(x, w, ...)` can use `grouped_mm` for these operands (dtype, device, alignment)."
@@ -194,7 +197,7 @@ class GroupedExperts(nn.Module):
         "Forward FLOPs of one token through one expert."
         return 2 * 3 * self.dim * self.hidden
 
-# %% ../nbs/03_token_routing.ipynb #50ff1de4
+# %% ../nbs/03_token_routing.ipynb #c5e50b68
 PERMUTES = ("gather", "autograd", "scatter")
 
 def moe_apply(x: Tensor, expert: Tensor, weight: Tensor | None, experts: GroupedExperts, dispatch: str = "sort",
@@ -218,7 +221,7 @@ def moe_apply(x: Tensor, expert: Tensor, weight: Tensor | None, experts: Grouped
         if k > 1: y = y.view(N, k, -1).sum(1)
     return y, torch.diff(offs, prepend=offs.new_zeros(1))
 
-# %% ../nbs/03_token_routing.ipynb #db6043c9
+# %% ../nbs/03_token_routing.ipynb #3d03f873
 def reference_moe(x: Tensor, expert: Tensor, weight: Tensor | None, gate_up: Tensor, down: Tensor) -> Tensor:
     "Per-token float64 loop: `y[n] = sum_j w[n,j] * down[e] @ (silu(g) * u)` with `g, u = gate_up[e] @ x[n]`, e = expert[n,j]."
     x, gate_up, down = x.double(), gate_up.double(), down.double()
@@ -232,7 +235,7 @@ def reference_moe(x: Tensor, expert: Tensor, weight: Tensor | None, gate_up: Ten
         rows.append(acc)
     return torch.stack(rows)
 
-# %% ../nbs/03_token_routing.ipynb #3b746931
+# %% ../nbs/03_token_routing.ipynb #fa5f445d
 def reference_errors(experts: GroupedExperts, x: Tensor, expert: Tensor, weight: Tensor | None = None, **kw) -> dict:
     "Max |fast - float64 reference| of the output and of the gradients wrt x, weight, gate_up, down (random output grad)."
     x = x.detach().requires_grad_()
@@ -249,7 +252,7 @@ def reference_errors(experts: GroupedExperts, x: Tensor, expert: Tensor, weight:
     if weight is None: names.remove("weight")
     return {n: (a.double() - b).abs().max().item() for n, a, b in zip(names, fast, slow)}
 
-# %% ../nbs/03_token_routing.ipynb #20d53e06
+# %% ../nbs/03_token_routing.ipynb #fe29a4d5
 def check_routed_input(x: Tensor, token_ids: Tensor | None, dim: int, vocab_size: int | None = None):
     "Raise a clear TypeError/ValueError unless `x` [..., dim] is floating and `token_ids` [...] holds ids in [0, vocab_size)."
     if not isinstance(x, Tensor) or not x.is_floating_point():
@@ -267,7 +270,7 @@ def check_routed_input(x: Tensor, token_ids: Tensor | None, dim: int, vocab_size
                 raise ValueError(f"token_ids has id {hi if hi >= vocab_size else lo} outside [0, {vocab_size}) (vocab_size)")
     if check_values and not torch.isfinite(x).all(): raise ValueError("x contains NaN or inf")
 
-# %% ../nbs/03_token_routing.ipynb #8dfe8193
+# %% ../nbs/03_token_routing.ipynb #01e9dd57
 class TokenRoutedMLP(nn.Module):
     """SwiGLU experts picked by the input token id through a fixed routing table: `y = SwiGLU_{table[t]}(x)` (plus an
     optional shared SwiGLU). `forward(x [..., dim], token_ids [...]) -> [..., dim]`; `aux_loss` (0) and `load` [E] are
@@ -307,7 +310,7 @@ class TokenRoutedMLP(nn.Module):
         "Forward FLOPs per token: one expert (and the shared expert)."
         return self.experts.flops_per_token() + (self.shared.flops_per_token() if self.shared is not None else 0)
 
-# %% ../nbs/03_token_routing.ipynb #b391340e
+# %% ../nbs/03_token_routing.ipynb #2d3275df
 class TopKMoE(nn.Module):
     """Softmax top-k mixture of SwiGLU experts on the same dispatch as `TokenRoutedMLP`. `forward(x [..., dim],
     token_ids=None) -> [..., dim]`; sets `aux_loss` (weighted balance + z-loss), `balance_loss`, `z_loss`, `load`, `dropped`."""
@@ -371,3 +374,136 @@ class TopKMoE(nn.Module):
         "Forward FLOPs per token: router, k experts (and the shared expert)."
         shared = self.shared.flops_per_token() if self.shared is not None else 0
         return 2 * self.dim * self.n_experts + self.k * self.experts.flops_per_token() + shared
+
+# %% ../nbs/03_token_routing.ipynb #76879603
+def learned_router_load(n_experts: int, steps: int = 300, dim: int = 64, k: int = 1, tokens: int = 4096, seed: int = 0,
+                        vocab_size: int = 4096, lr: float = 3e-3) -> tuple[np.ndarray, np.ndarray, list]:
+    """Train embedding -> RMSNorm -> TopKMoE -> head on next-token prediction over the train split, then return the
+    per-expert load of the train and val tokens under its router, and the balance loss per step."""
+    from mice.attention import RMSNorm
+    from mice.training import token_ids
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    emb, norm = nn.Embedding(vocab_size, dim), RMSNorm(dim)
+    moe, head = TopKMoE(dim, 2 * dim, n_experts, k=k), nn.Linear(dim, vocab_size, bias=False)
+    params = [p for m in (emb, norm, moe, head) for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr)
+    train = torch.from_numpy(np.asarray(token_ids("train"), dtype=np.int64))
+    history = []
+    for _ in range(steps):
+        i = torch.randint(0, len(train) - 1, (tokens,), generator=g)
+        x = norm(emb(train[i]))
+        loss = F.cross_entropy(head(x + moe(x)), train[i + 1]) + moe.aux_loss
+        opt.zero_grad(); loss.backward(); opt.step()
+        history.append(moe.balance_loss.item())
+    with torch.no_grad():
+        table = moe.route(norm(emb.weight))[1][:, 0]      # expert of each token id (top-1 choice)
+    loads = [expert_load(table, token_ids(s), n_experts) for s in ("train", "val")]
+    return loads[0], loads[1], history
+
+# %% ../nbs/03_token_routing.ipynb #e77f17a3
+class LoopMoE(nn.Module):
+    "The per-expert loop baseline on the weights and table of `routed`: `nonzero` per expert (host sync), SwiGLU, `index_add`."
+    def __init__(self, routed: TokenRoutedMLP):
+        super().__init__()
+        self.routed = routed
+
+    def forward(self, x: Tensor, token_ids: Tensor) -> Tensor:
+        r, ex = self.routed, self.routed.experts
+        rows, expert = x.reshape(-1, r.dim), r.table[token_ids.reshape(-1)]
+        y = torch.zeros_like(rows)
+        for e in range(r.n_experts):
+            idx = torch.nonzero(expert == e).squeeze(1)
+            gate, up = F.linear(rows[idx], ex.gate_up[e]).chunk(2, dim=-1)
+            y = y.index_add(0, idx, F.linear(F.silu(gate) * up, ex.down[e]))
+        return y.view(x.shape)
+
+# %% ../nbs/03_token_routing.ipynb #a3c6c4f3
+def balanced_ids(n_tokens: int, n_experts: int, vocab_size: int = 4096, seed: int = 0) -> Tensor:
+    "Random token ids that the modulo table sends to every expert equally often (`n_tokens // n_experts` each, the rest spread)."
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randperm(n_tokens, generator=g) % n_experts
+    return e + n_experts * torch.randint(0, vocab_size // n_experts, (n_tokens,), generator=g)
+
+def _routing_rows(args, ref, env, device, dtype, gbs):
+    "The row groups of the routing suite (see `routing_suite`)."
+    from mice.bench import bench_step, compare, floor_ms, _modes
+    cuda, o = device.type == "cuda", args.opts
+    parts = o.get("parts", "dense,variants,loop").split(",")
+    ints = lambda key, default: [int(v) for v in o[key].split(",")] if key in o else default
+    dims = args.sizes or ((768, 1024, 2048) if cuda else (128,))
+    n_experts = ints("experts", [4, 8, 16] if cuda else [4, 8])
+    tokens = [args.tokens] if args.tokens else ints("tokens", [8192, 32768, 65536] if cuda else [1024])
+    timer = dict(warmup=args.warmup, repeat=args.repeat, device=device, peak_tflops=ref.tflops, env=env)
+    size = torch.finfo(dtype).bits // 8
+    def on_device(make):
+        with torch.device(device): return make().to(device, dtype)
+    def xs(N, d): return [torch.randn(N, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2)]
+    def note(N, d, h):
+        mm, perm = floor_ms(18 * N * d * h, 0, ref.tflops, gbs), floor_ms(0, 8 * N * d * size, ref.tflops, gbs)
+        return f"floor: matmuls {mm:.3f} ms + permutation {perm:.3f} ms ({8 * N * d * size / 2**20:.0f} MiB at {gbs:.0f} GB/s)"
+    def maybe_compile(m, c): return torch.compile(m) if c else m
+    groups = []
+    if "dense" in parts:                       # token-routed vs dense SwiGLU of the expert's width
+        for c in _modes(args):
+            tag = " compiled" if c else ""
+            for d in dims:
+                h = swiglu_hidden(d, 256)
+                for N in tokens:
+                    x, kw = xs(N, d), dict(tokens=N, flops=6 * N * d * h, **timer)
+                    group = [bench_step(f"dense d={d} N={N}{tag}", maybe_compile(on_device(lambda: SwiGLU(d, h)), c), x, **kw)]
+                    for E in n_experts:
+                        m = on_device(lambda: TokenRoutedMLP(d, h, E, route="modulo"))
+                        ids = balanced_ids(N, E).to(device)
+                        group.append(bench_step(f"token-routed E={E} d={d} N={N}{tag}", maybe_compile(m, c),
+                                                [(t, ids) for t in x], note=note(N, d, h), **kw))
+                        del m
+                    groups.append(compare(group, group[0].name))
+    if "variants" in parts:                    # where the time goes, at one size
+        d, N, E = (1024, 32768, 8) if cuda else (dims[0], tokens[0], 4)
+        h = swiglu_hidden(d, 256)
+        x, ids, kw = xs(N, d), balanced_ids(N, E).to(device), dict(tokens=N, flops=6 * N * d * h, **timer)
+        inputs = [(t, ids) for t in x]
+        group = [bench_step(f"dense d={d} N={N}", on_device(lambda: SwiGLU(d, h)), x, **kw)]
+        for label, opts in (("sort+gather (default)", {}), ("count+gather", dict(dispatch="count")),
+                            ("sort+autograd index", dict(permute="autograd")), ("sort+gather, index_add combine", dict(permute="scatter"))):
+            m = on_device(lambda: TokenRoutedMLP(d, h, E, route="modulo", **opts))
+            group.append(bench_step(f"token-routed E={E} {label}", m, inputs, note=note(N, d, h), **kw))
+        order, inverse, offs = sort_by_expert(m.table[ids], E)
+        group.append(bench_step(f"experts only E={E} (pre-sorted)", lambda t: m.experts(t, offs), x,
+                                params=list(m.parameters()), **kw))
+        perm = lambda t: GatherRows.apply(GatherRows.apply(t, order, inverse, 1), inverse, order, 1)
+        perm_note = f"floor {floor_ms(0, 8 * N * d * size, ref.tflops, gbs):.3f} ms: 4 gathers of N x d (2 fwd, 2 bwd) at {gbs:.0f} GB/s"
+        group.append(bench_step(f"permutation only (2 gathers)", perm, x, params=[], note=perm_note, **kw | dict(flops=0)))
+        sort = lambda t: t + sort_by_expert(m.table[ids], E)[1][:, None].to(t.dtype)
+        group.append(bench_step(f"routing only (table, sort, inverse, offsets)", sort, x, params=[], **kw | dict(flops=0)))
+        for k, hk in ((1, h), (2, h // 2)):
+            moe = on_device(lambda: TopKMoE(d, hk, E, k=k))
+            group.append(bench_step(f"top-{k} MoE E={E} h={hk}", moe, x, note="random x: roughly balanced", **kw))
+        groups.append(compare(group, group[0].name))
+    if "loop" in parts:                        # grouped dispatch vs the per-expert loop
+        d = 1024 if cuda else dims[0]
+        h = swiglu_hidden(d, 256)
+        for E in ints("loop_experts", [4, 8, 16, 64] if cuda else [4, 16]):
+            m = on_device(lambda: TokenRoutedMLP(d, h, E, route="modulo"))
+            for N in ints("loop_tokens", [2048, 8192, 32768, 65536] if cuda else [512, 2048]):
+                x, ids, kw = xs(N, d), balanced_ids(N, E).to(device), dict(tokens=N, flops=6 * N * d * h, **timer)
+                inputs = [(t, ids) for t in x]
+                group = [bench_step(f"loop E={E} N={N}", LoopMoE(m), inputs, params=list(m.parameters()), **kw),
+                         bench_step(f"grouped E={E} N={N}", m, inputs, **kw)]
+                groups.append(compare(group, group[0].name))
+            del m
+    return [r for g in groups for r in g]
+
+# %% ../nbs/03_token_routing.ipynb #389324ec
+from .bench import suite
+
+@suite("routing")
+def routing_suite(args):
+    """Token-routed MLP vs a dense SwiGLU of the expert's width (fwd+bwd, balanced routing) over widths, E and tokens;
+    where the time goes at one size (dispatch/permutation variants, experts alone, permutation alone, top-k MoE);
+    grouped dispatch vs the per-expert loop. Every group has its baseline first."""
+    from mice.bench import _context, compare, copy_bandwidth
+    device, dtype, env, ref = _context(args)
+    gbs = copy_bandwidth(device)
+    return compare([ref], ref.name) + _routing_rows(args, ref, env, device, dtype, gbs)
