@@ -6,9 +6,9 @@
 __all__ = ['ROUTES', 'EXPERT_IMPLS', 'PERMUTES', 'modulo_table', 'hash_table', 'balanced_table', 'token_counts', 'routing_table',
            'expert_load', 'imbalance', 'sort_by_expert', 'GatherRows', 'grouped_mm_ok', 'auto_impl', 'grouped_linear',
            'GroupedExperts', 'moe_apply', 'reference_moe', 'reference_errors', 'check_routed_input', 'TokenRoutedMLP',
-           'TopKMoE', 'learned_router_load', 'LoopMoE', 'balanced_ids', 'routing_suite']
+           'TopKMoE', 'learned_router_load', 'token_routed_mlp', 'topk_moe', 'LoopMoE', 'balanced_ids', 'routing_suite']
 
-# %% ../nbs/03_token_routing.ipynb #9c3fce1e
+# %% ../nbs/03_token_routing.ipynb #f16f0506
 import functools, heapq, math
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from .attention import SwiGLU, swiglu_hidden
 
-# %% ../nbs/03_token_routing.ipynb #d1fca3f9
+# %% ../nbs/03_token_routing.ipynb #1abf872a
 ROUTES = ("modulo", "hash", "balanced")
 
 def _check_sizes(vocab_size, n_experts):
@@ -53,7 +53,7 @@ def balanced_table(counts, n_experts: int, seed: int | None = None) -> Tensor:
         heapq.heappush(heap, (load + counts[t], types + 1, r, e))
     return torch.from_numpy(table)
 
-# %% ../nbs/03_token_routing.ipynb #f8dd10cf
+# %% ../nbs/03_token_routing.ipynb #dae2f9c5
 @functools.lru_cache(maxsize=4)
 def _split_counts(split: str, vocab_size: int) -> np.ndarray:
     from mice.training import token_ids
@@ -86,7 +86,7 @@ def imbalance(load) -> float:
     load = np.asarray(load, dtype=np.float64)
     return float(load.max() / load.mean())
 
-# %% ../nbs/03_token_routing.ipynb #e38f1104
+# %% ../nbs/03_token_routing.ipynb #47082361
 def sort_by_expert(expert: Tensor, n_experts: int, method: str = "sort") -> tuple[Tensor, Tensor, Tensor]:
     """For the expert of each slot, `expert` [M] (int), return `order` (sorted row -> slot), `inverse` (slot -> sorted
     row) and `offs` [n_experts] (int32 end row of each expert's block). All on `expert`'s device, no host sync."""
@@ -124,7 +124,7 @@ class GatherRows(torch.autograd.Function):
         g = grad.index_select(0, inverse)
         return (g.view(-1, ctx.k, g.shape[-1]).sum(1) if ctx.k > 1 else g), None, None, None
 
-# %% ../nbs/03_token_routing.ipynb #3bd67ddd
+# %% ../nbs/03_token_routing.ipynb #a5f98ccc
 _PROBED: dict = {}
 
 def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
@@ -206,7 +206,7 @@ class GroupedExperts(nn.Module):
         "Forward FLOPs of one token through one expert."
         return 2 * 3 * self.dim * self.hidden
 
-# %% ../nbs/03_token_routing.ipynb #94cb5fd9
+# %% ../nbs/03_token_routing.ipynb #c5d6ffff
 PERMUTES = ("gather", "autograd", "scatter")
 
 def moe_apply(x: Tensor, expert: Tensor, weight: Tensor | None, experts: GroupedExperts, dispatch: str = "sort",
@@ -230,7 +230,7 @@ def moe_apply(x: Tensor, expert: Tensor, weight: Tensor | None, experts: Grouped
         if k > 1: y = y.view(N, k, -1).sum(1)
     return y, torch.diff(offs, prepend=offs.new_zeros(1))
 
-# %% ../nbs/03_token_routing.ipynb #6ad2bd65
+# %% ../nbs/03_token_routing.ipynb #e3e2289d
 def reference_moe(x: Tensor, expert: Tensor, weight: Tensor | None, gate_up: Tensor, down: Tensor) -> Tensor:
     "Per-token float64 loop: `y[n] = sum_j w[n,j] * down[e] @ (silu(g) * u)` with `g, u = gate_up[e] @ x[n]`, e = expert[n,j]."
     x, gate_up, down = x.double(), gate_up.double(), down.double()
@@ -244,7 +244,7 @@ def reference_moe(x: Tensor, expert: Tensor, weight: Tensor | None, gate_up: Ten
         rows.append(acc)
     return torch.stack(rows)
 
-# %% ../nbs/03_token_routing.ipynb #042cfd3d
+# %% ../nbs/03_token_routing.ipynb #1d904b36
 def reference_errors(experts: GroupedExperts, x: Tensor, expert: Tensor, weight: Tensor | None = None, **kw) -> dict:
     "Max |fast - float64 reference| of the output and of the gradients wrt x, weight, gate_up, down (random output grad)."
     x = x.detach().requires_grad_()
@@ -261,7 +261,7 @@ def reference_errors(experts: GroupedExperts, x: Tensor, expert: Tensor, weight:
     if weight is None: names.remove("weight")
     return {n: (a.double() - b).abs().max().item() for n, a, b in zip(names, fast, slow)}
 
-# %% ../nbs/03_token_routing.ipynb #1d220126
+# %% ../nbs/03_token_routing.ipynb #9bd36bc0
 def check_routed_input(x: Tensor, token_ids: Tensor | None, dim: int, vocab_size: int | None = None):
     "Raise a clear TypeError/ValueError unless `x` [..., dim] is floating and `token_ids` [...] holds ids in [0, vocab_size)."
     if not isinstance(x, Tensor) or not x.is_floating_point():
@@ -279,7 +279,7 @@ def check_routed_input(x: Tensor, token_ids: Tensor | None, dim: int, vocab_size
                 raise ValueError(f"token_ids has id {hi if hi >= vocab_size else lo} outside [0, {vocab_size}) (vocab_size)")
     if check_values and not torch.isfinite(x).all(): raise ValueError("x contains NaN or inf")
 
-# %% ../nbs/03_token_routing.ipynb #d4d9fb85
+# %% ../nbs/03_token_routing.ipynb #052b6d10
 class TokenRoutedMLP(nn.Module):
     """SwiGLU experts picked by the input token id through a fixed routing table: `y = SwiGLU_{table[t]}(x)` (plus an
     optional shared SwiGLU). `forward(x [..., dim], token_ids [...]) -> [..., dim]`; `aux_loss` (0) and `load` [E] are
@@ -319,7 +319,7 @@ class TokenRoutedMLP(nn.Module):
         "Forward FLOPs per token: one expert (and the shared expert)."
         return self.experts.flops_per_token() + (self.shared.flops_per_token() if self.shared is not None else 0)
 
-# %% ../nbs/03_token_routing.ipynb #50e7346e
+# %% ../nbs/03_token_routing.ipynb #0d7a820b
 class TopKMoE(nn.Module):
     """Softmax top-k mixture of SwiGLU experts on the same dispatch as `TokenRoutedMLP`. `forward(x [..., dim],
     token_ids=None) -> [..., dim]`; sets `aux_loss` (weighted balance + z-loss), `balance_loss`, `z_loss`, `load`, `dropped`."""
@@ -384,7 +384,7 @@ class TopKMoE(nn.Module):
         shared = self.shared.flops_per_token() if self.shared is not None else 0
         return 2 * self.dim * self.n_experts + self.k * self.experts.flops_per_token() + shared
 
-# %% ../nbs/03_token_routing.ipynb #ba469908
+# %% ../nbs/03_token_routing.ipynb #640d55e8
 def learned_router_load(n_experts: int, steps: int = 300, dim: int = 64, k: int = 1, tokens: int = 4096, seed: int = 0,
                         vocab_size: int = 4096, lr: float = 3e-3) -> tuple[np.ndarray, np.ndarray, list]:
     """Train embedding -> RMSNorm -> TopKMoE -> head on next-token prediction over the train split, then return the
@@ -410,7 +410,23 @@ def learned_router_load(n_experts: int, steps: int = 300, dim: int = 64, k: int 
     loads = [expert_load(table, token_ids(s), n_experts) for s in ("train", "val")]
     return loads[0], loads[1], history
 
-# %% ../nbs/03_token_routing.ipynb #83aed438
+# %% ../nbs/03_token_routing.ipynb #ec1c7d27
+def _field(c, name, default): return getattr(c, name, default) if getattr(c, name, None) is not None else default
+
+def token_routed_mlp(c, layer: int = 0) -> TokenRoutedMLP:
+    "A `TokenRoutedMLP` for model config `c` (layer `layer` gets its own table when `c.route_per_layer`)."
+    return TokenRoutedMLP(c.dim, _field(c, "expert_hidden", c.hidden), _field(c, "n_experts", 8), c.vocab_size,
+                          route=_field(c, "route", "balanced"), seed=layer if _field(c, "route_per_layer", False) else 0,
+                          shared_hidden=_field(c, "shared_hidden", 0), out_std=0.02 / math.sqrt(2 * c.n_layers))
+
+def topk_moe(c, k: int = 1) -> TopKMoE:
+    "A `TopKMoE` for model config `c` with experts of width `hidden / k` (equal active parameters per token)."
+    hidden = _field(c, "expert_hidden", None) or max(8, c.hidden // k)
+    return TopKMoE(c.dim, hidden, _field(c, "n_experts", 8), k=k, capacity_factor=_field(c, "capacity_factor", None),
+                   balance_weight=_field(c, "balance_weight", 0.01), z_weight=_field(c, "z_weight", 1e-3),
+                   shared_hidden=_field(c, "shared_hidden", 0), out_std=0.02 / math.sqrt(2 * c.n_layers))
+
+# %% ../nbs/03_token_routing.ipynb #0d396f20
 class LoopMoE(nn.Module):
     "The per-expert loop baseline on the weights and table of `routed`: `nonzero` per expert (host sync), SwiGLU, `index_add`."
     def __init__(self, routed: TokenRoutedMLP):
@@ -427,7 +443,7 @@ class LoopMoE(nn.Module):
             y = y.index_add(0, idx, F.linear(F.silu(gate) * up, ex.down[e]))
         return y.view(x.shape)
 
-# %% ../nbs/03_token_routing.ipynb #1fd4096a
+# %% ../nbs/03_token_routing.ipynb #70802643
 def balanced_ids(n_tokens: int, n_experts: int, vocab_size: int = 4096, seed: int = 0) -> Tensor:
     "Random token ids that the modulo table sends to every expert equally often (`n_tokens // n_experts` each, the rest spread)."
     g = torch.Generator().manual_seed(seed)
@@ -505,7 +521,7 @@ def _routing_rows(args, ref, env, device, dtype, gbs):
             del m
     return [r for g in groups for r in g]
 
-# %% ../nbs/03_token_routing.ipynb #b763e3df
+# %% ../nbs/03_token_routing.ipynb #bcde3be6
 from .bench import suite
 
 @suite("routing")

@@ -238,3 +238,15 @@ def test_bad_input(call, msg):
 def test_bad_config(make, msg):
     with pytest.raises((ValueError, TypeError)) as e: make()
     assert msg in str(e.value)
+
+
+def test_factories_from_model_config():
+    from types import SimpleNamespace
+    from mice.routing import token_routed_mlp, topk_moe
+    c = SimpleNamespace(dim=32, hidden=96, vocab_size=64, n_layers=3, n_experts=4, route="hash", route_per_layer=True,
+                        expert_hidden=None, shared_hidden=16, capacity_factor=1.25, balance_weight=0.1, z_weight=None)
+    a, b = token_routed_mlp(c, layer=0), token_routed_mlp(c, layer=1)
+    assert a.n_experts == 4 and a.experts.hidden == 96 and a.shared.hidden == 16 and not torch.equal(a.table, b.table)
+    assert math.isclose(a.experts.out_std, 0.02 / math.sqrt(6))
+    m = topk_moe(c, k=2)
+    assert m.k == 2 and m.experts.hidden == 48 and m.capacity_factor == 1.25 and m.balance_weight == 0.1 and m.z_weight == 1e-3
