@@ -96,7 +96,7 @@ def sort_by_expert(expert: Tensor, n_experts: int, method: str = "sort") -> tupl
         key = expert.to(torch.uint8 if n_experts <= 256 else torch.int16 if n_experts <= 2**15 else torch.int32)
         sorted_e, order = torch.sort(key, stable=True)
         inverse = torch.empty_like(order).scatter_(0, order, slots)
-        offs = torch.searchsorted(sorted_e, torch.arange(n_experts, device=dev, dtype=key.dtype), right=True)
+        offs = torch.searchsorted(sorted_e, torch.arange(n_experts, device=dev, dtype=key.dtype), right=True, out_int32=True)
     elif method == "count":
         onehot = (torch.arange(n_experts, device=dev)[:, None] == expert).int()     # [E, M]: cumsum along rows
         sizes = onehot.sum(1)
@@ -104,9 +104,9 @@ def sort_by_expert(expert: Tensor, n_experts: int, method: str = "sort") -> tupl
         rank = (onehot.cumsum(1) * onehot).sum(0) - 1                                # position within the expert
         inverse = (ends - sizes)[expert] + rank
         order = torch.empty_like(inverse).scatter_(0, inverse, slots)
-        offs = ends
+        offs = ends.to(torch.int32)
     else: raise ValueError(f"method must be 'sort' or 'count', got {method!r}")
-    return order, inverse, offs.to(torch.int32)
+    return order, inverse, offs
 
 class GatherRows(torch.autograd.Function):
     """`x[index]` for an `index` that takes every row of `x` exactly `k` times, with a gather as its gradient:
@@ -304,14 +304,15 @@ class TokenRoutedMLP(nn.Module):
         self.shared = SwiGLU(dim, shared_hidden) if shared_hidden else None
         self.dim, self.n_experts, self.vocab_size, self.route = dim, n_experts, vocab_size, route
         self.dispatch, self.permute, self.legacy = dispatch, permute, legacy
-        self.aux_loss, self.load = torch.zeros(()), None
+        self.register_buffer("_zero", torch.zeros(()), persistent=False)    # aux_loss: no allocation per call
+        self.aux_loss, self.load = self._zero, None
 
     def forward(self, x: Tensor, token_ids: Tensor) -> Tensor:
         check_routed_input(x, token_ids, self.dim, self.vocab_size)
         expert = self.table[token_ids.reshape(-1)][:, None]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.legacy):
             y, load = moe_apply(x.reshape(-1, self.dim), expert, None, self.experts, self.dispatch, self.permute)
-        self.load, self.aux_loss = load.detach(), x.new_zeros((), dtype=torch.float32)
+        self.load, self.aux_loss = load.detach(), self._zero
         y = y.view(x.shape)
         return y if self.shared is None else y + self.shared(x)
 
