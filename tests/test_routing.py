@@ -1,0 +1,264 @@
+"""Token-routed MLP and top-k MoE (mice.routing): every path against the float64 per-token reference, forward and
+backward; routing tables; training updates every expert; compile; bad input."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from mice.attention import SwiGLU
+from mice.routing import (PERMUTES, GroupedExperts, LoopMoE, TokenRoutedMLP, TopKMoE, balanced_table, expert_load,
+                          grouped_mm_ok, hash_table, imbalance, modulo_table, moe_apply, reference_errors,
+                          reference_moe, routing_table, sort_by_expert)
+
+FEW = settings(max_examples=15, deadline=None)
+GROUPED = grouped_mm_ok(torch.zeros(1, 16), torch.zeros(1, 64, 16))
+
+
+# ---------------------------------------------------------------- routing tables
+def test_modulo_and_hash_balance_vocabulary_types():
+    assert torch.equal(modulo_table(7, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0]))
+    h = hash_table(4096, 16, seed=3)
+    assert torch.bincount(h, minlength=16).tolist() == [256] * 16
+    assert torch.equal(h, hash_table(4096, 16, seed=3)) and not torch.equal(h, hash_table(4096, 16, seed=4))
+
+
+@FEW
+@given(st.lists(st.integers(0, 1000), min_size=1, max_size=200), st.integers(1, 9), st.none() | st.integers(0, 99))
+def test_balanced_table_meets_the_greedy_bound(counts, E, seed):
+    c = np.array(counts)
+    table = balanced_table(c, E, seed).numpy()
+    assert table.min() >= 0 and table.max() < E
+    load = np.bincount(table, weights=c, minlength=E)
+    assert load.sum() == c.sum()
+    # greedy to the least-loaded expert (Graham 1966): makespan <= mean + (1 - 1/E) * largest count,
+    # and the heaviest expert exceeds the lightest by at most one count
+    assert load.max() <= c.sum() / E + (1 - 1 / E) * c.max() + 1e-9
+    assert load.max() - load.min() <= c.max() + 1e-9
+
+
+@FEW
+@given(st.lists(st.integers(0, 50), min_size=1, max_size=7), st.integers(1, 3))
+def test_balanced_table_within_lpt_ratio_of_brute_force_optimum(counts, E):
+    import itertools
+    c = np.array(counts)
+    best = min(np.bincount(a, weights=c, minlength=E).max() for a in itertools.product(range(E), repeat=len(c)))
+    load = np.bincount(balanced_table(c, E).numpy(), weights=c, minlength=E)
+    assert load.max() <= (4 / 3 - 1 / (3 * E)) * best + 1e-9            # LPT (Graham 1969)
+
+
+def test_balanced_table_known_optimum_and_zero_counts_spread():
+    t = balanced_table([7, 5, 4, 3, 1], 2).numpy()
+    assert sorted(np.bincount(t, weights=[7, 5, 4, 3, 1]).tolist()) == [10.0, 10.0]
+    t = balanced_table([0] * 12, 4).numpy()             # ties: fewest types first -> 3 types each
+    assert np.bincount(t, minlength=4).tolist() == [3, 3, 3, 3]
+
+
+def test_routing_table_balanced_on_given_counts_and_load():
+    counts = np.random.default_rng(0).zipf(1.3, 512).clip(max=10_000)
+    ids = np.repeat(np.arange(512), counts)
+    mod = imbalance(expert_load(routing_table("modulo", 512, 8), ids, 8))
+    bal = imbalance(expert_load(routing_table("balanced", 512, 8, counts=counts), ids, 8))
+    assert bal <= mod and bal <= 1 + (1 - 1 / 8) * 8 * counts.max() / counts.sum() + 1e-9   # mean + (1-1/E) max
+
+
+# ---------------------------------------------------------------- dispatch
+@FEW
+@given(st.integers(0, 300), st.integers(1, 12), st.integers(0, 2**16))
+def test_sort_by_expert_is_a_permutation_with_offsets(M, E, seed):
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randint(0, E, (M,), generator=g)
+    order, inverse, offs = sort_by_expert(e, E)
+    assert torch.equal(torch.sort(order).values, torch.arange(M))
+    assert torch.equal(order[inverse], torch.arange(M)) and torch.equal(inverse[order], torch.arange(M))
+    assert torch.equal(offs, torch.bincount(e, minlength=E).cumsum(0).int()) and offs.dtype == torch.int32
+    assert (torch.diff(e[order]) >= 0).all()
+    for a, b in zip(sort_by_expert(e, E, "count"), (order, inverse, offs)): assert torch.equal(a, b)
+
+
+CASES = [("loop", torch.float64, 1e-12)] + ([("grouped_mm", torch.float32, 2e-5)] if GROUPED else [])
+
+
+@pytest.mark.parametrize("impl,dtype,tol", CASES)
+@pytest.mark.parametrize("permute", PERMUTES)
+@pytest.mark.parametrize("dispatch", ["sort", "count"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_moe_apply_equals_float64_reference(impl, dtype, tol, permute, dispatch, k):
+    torch.manual_seed(k)
+    E, N = 5, 11
+    ex = GroupedExperts(E, 16, 24, impl=impl, init_std=0.3).to(dtype)
+    expert = torch.stack([torch.randperm(E)[:k] for _ in range(N)])       # distinct experts per token
+    expert[expert == 4] = 3 if k == 1 else expert[expert == 4]             # k=1: expert 4 stays empty
+    weight = torch.rand(N, k, dtype=dtype)
+    err = reference_errors(ex, torch.randn(N, 16, dtype=dtype), expert, weight, permute=permute, dispatch=dispatch)
+    assert max(err.values()) < tol, err
+    if k == 1:                                                              # token routing: no weights
+        err = reference_errors(ex, torch.randn(N, 16, dtype=dtype), expert, None, permute=permute, dispatch=dispatch)
+        assert max(err.values()) < tol, err
+
+
+@pytest.mark.parametrize("permute", PERMUTES)
+def test_gradcheck_through_layer(permute):
+    ex = GroupedExperts(3, 4, 6, init_std=0.5).double()
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(6, 2, dtype=torch.float64, requires_grad=True)
+    expert = torch.tensor([[0, 1], [2, 0], [1, 2], [0, 2], [1, 0], [2, 1]])
+    gu, dn = (p.detach().clone().requires_grad_() for p in (ex.gate_up, ex.down))
+
+    def layer(x, w, gu, dn):
+        class Swap:                                  # the experts with the checked leaves as weights
+            n_experts = 3
+            def __call__(self, t, offs): return torch.func.functional_call(ex, {"gate_up": gu, "down": dn}, (t, offs))
+        return moe_apply(x, expert, w, Swap(), permute=permute)[0]
+    assert torch.autograd.gradcheck(layer, (x, w, gu, dn), fast_mode=permute != "gather")
+
+
+def test_unaligned_width_falls_back_and_is_exact():
+    ex = GroupedExperts(3, 6, 10, init_std=0.3)                             # 6 * 4 bytes: not 16-byte aligned
+    assert not grouped_mm_ok(torch.zeros(1, 6), ex.gate_up, ex.down)
+    err = reference_errors(ex, torch.randn(9, 6), torch.randint(0, 3, (9, 1)))
+    assert max(err.values()) < 1e-5
+
+
+# ---------------------------------------------------------------- layers
+def test_one_expert_with_dense_weights_is_the_dense_swiglu():
+    dense = SwiGLU(16, 40)
+    m = TokenRoutedMLP(16, 40, 1, vocab_size=10)
+    m.experts.gate_up.data[0], m.experts.down.data[0] = dense.gate_up.weight.data, dense.down.weight.data
+    x = torch.randn(3, 4, 16)
+    assert torch.allclose(m(x, torch.randint(0, 10, (3, 4))), dense(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("route", ["modulo", "hash", "balanced"])
+def test_token_routed_equals_reference_and_loop(route):
+    m = TokenRoutedMLP(16, 24, 4, vocab_size=40, route=route, counts=np.arange(40), shared_hidden=8, init_std=0.2)
+    x, ids = torch.randn(2, 9, 16), torch.randint(0, 40, (2, 9))
+    y = m(x, ids)
+    ref = reference_moe(x.view(-1, 16), m.table[ids].view(-1, 1), None, m.experts.gate_up, m.experts.down)
+    assert torch.allclose(y.double(), ref.view(2, 9, 16) + m.shared(x).double(), atol=1e-5)
+    assert torch.allclose(LoopMoE(m)(x, ids) + m.shared(x), y, atol=1e-5)
+    assert m.load.tolist() == torch.bincount(m.table[ids].flatten(), minlength=4).tolist()
+    assert m.aux_loss.item() == 0
+
+
+def test_state_dict_round_trip_keeps_table():
+    a = TokenRoutedMLP(16, 24, 4, vocab_size=40, route="hash", seed=1)
+    b = TokenRoutedMLP(16, 24, 4, vocab_size=40, route="modulo")
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.table, b.table)
+    x, ids = torch.randn(5, 16), torch.randint(0, 40, (5,))
+    assert torch.equal(a(x, ids), b(x, ids))
+
+
+def _changed(before, after): return (before != after).flatten(1).any(1)
+
+
+@pytest.mark.parametrize("make", [lambda: TokenRoutedMLP(16, 24, 8, vocab_size=64),
+                                  lambda: TokenRoutedMLP(16, 24, 8, vocab_size=64, route="hash", shared_hidden=8),
+                                  lambda: TopKMoE(16, 24, 8, k=2)])
+def test_every_expert_changes_after_one_step(make):
+    m = make()
+    x, ids = torch.randn(4, 32, 16), torch.arange(128).view(4, 32) % 64
+    before = [p.detach().clone() for p in (m.experts.gate_up, m.experts.down)]
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    xin = x.clone().requires_grad_()
+    out = m(xin, ids)
+    (out.square().mean() + m.aux_loss).backward()
+    opt.step()
+    assert (m.load > 0).all()                                           # every expert got tokens...
+    for b, p in zip(before, (m.experts.gate_up, m.experts.down)): assert _changed(b, p).all()   # ...and moved
+    assert xin.grad is not None and xin.grad.abs().sum() > 0
+    if isinstance(m, TopKMoE): assert m.router.weight.grad.abs().sum() > 0
+
+
+def test_legacy_reproduces_frozen_experts():
+    m = TokenRoutedMLP(16, 24, 4, vocab_size=64, legacy=True)
+    x = torch.randn(8, 16, requires_grad=True)
+    y = m(x, torch.arange(8))
+    assert not y.requires_grad and m.experts.gate_up.grad is None
+
+
+def test_topk_losses_and_capacity():
+    torch.manual_seed(0)
+    moe = TopKMoE(8, 16, 4, k=2, capacity_factor=0.5, init_std=1.0)
+    x = torch.randn(40, 8)
+    y = moe(x)
+    logits, expert, weight = moe.route(x)
+    keep = moe.keep(expert)
+    C = math.ceil(0.5 * 40 * 2 / 4)
+    assert torch.bincount(expert[keep], minlength=4).max() <= C and moe.dropped == (~keep).sum() > 0
+    ref = reference_moe(x, expert, weight * keep, moe.experts.gate_up, moe.experts.down)
+    assert torch.allclose(y.double(), ref, atol=1e-5)
+    f = torch.bincount(expert.flatten(), minlength=4).float() / 80
+    assert torch.allclose(moe.balance_loss, 4 * (f * logits.softmax(-1).mean(0)).sum())
+    assert torch.allclose(moe.z_loss, torch.logsumexp(logits, -1).square().mean())
+    assert torch.allclose(moe.aux_loss, 0.01 * moe.balance_loss + 1e-3 * moe.z_loss)
+    moe.router.weight.data.zero_(); moe.capacity_factor = None; moe(x)
+    assert torch.allclose(moe.balance_loss, torch.tensor(1.0)) and moe.dropped is None
+
+
+def test_autocast_bf16_matches_fp32():
+    m = TokenRoutedMLP(16, 32, 4, vocab_size=20, route="hash", init_std=0.2)
+    x, ids = torch.randn(64, 16), torch.randint(0, 20, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16): y = m(x, ids)
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), m(x, ids), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not grouped_mm_ok(torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(1, 128, 64)),
+                    reason="grouped_mm does not run in bf16 here")
+def test_compile_fullgraph_forward_and_backward():
+    for m in (TokenRoutedMLP(64, 128, 4, vocab_size=100, route="hash"), TopKMoE(64, 128, 4, k=2)):
+        m = m.bfloat16()
+        x, ids = torch.randn(3, 8, 64, dtype=torch.bfloat16), torch.randint(0, 100, (3, 8))
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1 = m(x1, ids); y1.float().square().sum().backward()
+        g1 = m.experts.gate_up.grad.clone(); m.zero_grad()
+        torch._dynamo.reset()
+        y2 = torch.compile(m, backend="aot_eager", fullgraph=True)(x2, ids); y2.float().square().sum().backward()
+        assert torch.equal(y1, y2) and torch.allclose(x1.grad, x2.grad) and torch.allclose(g1, m.experts.gate_up.grad)
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("call,msg", [
+    (lambda m, x, i: m(x, i + 50), "outside [0, 50)"),
+    (lambda m, x, i: m(x, i[:, :3]), "token_ids must have shape (2, 5)"),
+    (lambda m, x, i: m(x[..., :8], i), "x must have shape [..., 16]"),
+    (lambda m, x, i: m(x, i.float()), "token_ids must be an integer"),
+    (lambda m, x, i: m(i, i), "x must be a floating-point"),
+    (lambda m, x, i: m(x.masked_fill(x > 1, float("inf")), i), "NaN or inf"),
+])
+def test_bad_input(call, msg):
+    m = TokenRoutedMLP(16, 32, 4, vocab_size=50)
+    with pytest.raises((ValueError, TypeError), match=None) as e:
+        call(m, torch.randn(2, 5, 16), torch.randint(0, 50, (2, 5)))
+    assert msg in str(e.value)
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda: TokenRoutedMLP(16, 32, 4, vocab_size=50, route="zipf"), "route must be one of"),
+    (lambda: TokenRoutedMLP(16, 32, 4, vocab_size=0), "vocab_size must be a positive int"),
+    (lambda: TokenRoutedMLP(16, 32, 4, vocab_size=8, table=torch.arange(8)), "table must be 8"),
+    (lambda: TokenRoutedMLP(16, 32, 4, vocab_size=8, route="balanced", counts=[1, -1] * 4), "non-negative"),
+    (lambda: TokenRoutedMLP(16, 32, 4, vocab_size=8, dispatch="radix"), "dispatch must be"),
+    (lambda: TokenRoutedMLP(16, 32, 4, vocab_size=8, permute="copy"), "permute must be one of"),
+    (lambda: TopKMoE(16, 32, 4, k=0), "k must be an int in [1, n_experts=4]"),
+    (lambda: TopKMoE(16, 32, 4, capacity_factor=-1.0), "capacity_factor must be > 0"),
+    (lambda: GroupedExperts(4, 16, 0), "hidden must be a positive int"),
+])
+def test_bad_config(make, msg):
+    with pytest.raises((ValueError, TypeError)) as e: make()
+    assert msg in str(e.value)
+
+
+def test_factories_from_model_config():
+    from types import SimpleNamespace
+    from mice.routing import token_routed_mlp, topk_moe
+    c = SimpleNamespace(dim=32, hidden=96, vocab_size=64, n_layers=3, n_experts=4, route="hash", route_per_layer=True,
+                        expert_hidden=None, shared_hidden=16, capacity_factor=1.25, balance_weight=0.1, z_weight=None)
+    a, b = token_routed_mlp(c, layer=0), token_routed_mlp(c, layer=1)
+    assert a.n_experts == 4 and a.experts.hidden == 96 and a.shared.hidden == 16 and not torch.equal(a.table, b.table)
+    assert math.isclose(a.experts.out_std, 0.02 / math.sqrt(6))
+    m = topk_moe(c, k=2)
+    assert m.k == 2 and m.experts.hidden == 48 and m.capacity_factor == 1.25 and m.balance_weight == 0.1 and m.z_weight == 1e-3
