@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['RMSNorm', 'RotaryEmbedding', 'swiglu_hidden', 'SwiGLU', 'causal_mask', 'KVCache', 'Attention']
+__all__ = ['MU_IMPLS', 'RMSNorm', 'RotaryEmbedding', 'swiglu_hidden', 'SwiGLU', 'causal_mask', 'KVCache', 'Attention',
+           'MuGuidedAttention']
 
 # %% ../nbs/02_mu_attention.ipynb #5acd6baa
 class RMSNorm(nn.Module):
@@ -107,9 +108,19 @@ class Attention(nn.Module):
                 kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
         """`x` [B, T, dim], `pos` [T] or [B, T] positions, `mask` from `causal_mask` (None: causal, no cache).
         `kv` is this layer's cache buffers: the new keys/values are written at `start:start+T` and all `start+T` are used."""
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2).split(
-            [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)
+        return self.attend(*self.qkv(x).split(self.qkv_sizes, dim=-1), pos, mask, kv, start)
+
+    @property
+    def qkv_sizes(self) -> list[int]:
+        "Output widths of the query, key and value projections: H d_h, H_kv d_h, H_kv d_h."
+        return [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, mask: Tensor | None = None,
+               kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
+        """Everything after the input projections: `q` [B, T, H d_h], `k`, `v` [B, T, H_kv d_h] -> per-head QK-norm, RoPE,
+        cache write, SDPA, output projection."""
+        B, T, _ = q.shape
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = self.rope(self.q_norm(q), pos), self.rope(self.k_norm(k), pos)
         if kv is not None:
             kv[0][:, :, start:start + T], kv[1][:, :, start:start + T] = k, v
@@ -118,3 +129,77 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+# %% ../nbs/02_mu_attention.ipynb #265a24a7
+MU_IMPLS = ("fused", "separate", "concat")
+
+class MuGuidedAttention(Attention):
+    """Attention whose q, k, v also read the previous layer's mu: `[q; k; v] = W x + U RMSNorm(mu)`.
+
+    `mu_norm` (None: True, or False if `legacy`) RMS-normalises mu. `impl` (None: "fused", or "concat" if `legacy`):
+    "fused" one GEMM on [x; mu] with the stored [W | U]; "separate" two GEMMs on views of it; "concat" the v0.13.0
+    per-call weight concatenation and three `F.linear`. `first_layer=True` takes no mu; its `initial_mu` (None: "learned")
+    is "learned" (a learned mu_0, i.e. a q/k/v bias) or "none" (no mu parameters). `legacy=True` is v0.13.0: separate
+    `qkv` and `mu_qkv` weights in every layer (dead at layer 0), unnormalised mu, per-call concatenation."""
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, qk_norm: bool = True,
+                 rope_theta: float = 10_000.0, eps: float = 1e-6, mu_norm: bool | None = None, first_layer: bool = False,
+                 impl: str | None = None, legacy: bool = False, initial_mu: str | None = None):
+        super().__init__(dim, n_heads, n_kv_heads, qk_norm, rope_theta, eps)
+        if impl is not None and impl not in MU_IMPLS: raise ValueError(f"impl must be one of {MU_IMPLS}, got {impl!r}")
+        if initial_mu not in (None, "learned", "none"):
+            raise ValueError(f"initial_mu must be 'learned' or 'none', got {initial_mu!r}")
+        if legacy:
+            if mu_norm: raise ValueError("legacy=True reproduces v0.13.0, whose mu is unnormalised: leave mu_norm None or False")
+            if impl not in (None, "concat"): raise ValueError(f"legacy=True concatenates weights per call: impl must be None or 'concat', got {impl!r}")
+            if initial_mu is not None: raise ValueError("legacy=True has no mu at layer 0: leave initial_mu None")
+        self.dim, self.first_layer, self.legacy = dim, first_layer, legacy
+        self.impl = impl or ("concat" if legacy else "fused")
+        self.initial_mu = None if legacy or not first_layer else (initial_mu or "learned")
+        out = self.qkv.out_features
+        if legacy: self.mu_qkv = nn.Linear(dim, out, bias=False)          # v0.13.0 layout (dead at layer 0)
+        elif self.initial_mu != "none": self.qkv = nn.Linear(2 * dim, out, bias=False)  # [W | U], stored once
+        has_mu = not legacy and self.initial_mu != "none" or legacy and not first_layer
+        self.mu_norm = RMSNorm(dim, eps) if has_mu and (mu_norm is None or mu_norm) and not legacy else nn.Identity()
+        if self.initial_mu == "learned": self.mu_init = nn.Parameter(torch.randn(dim))
+
+    def extra_repr(self) -> str:
+        return (f"impl={self.impl!r}, first_layer={self.first_layer}, legacy={self.legacy}, "
+                f"initial_mu={self.initial_mu!r}, mu_norm={not isinstance(self.mu_norm, nn.Identity)}")
+
+    def weights(self) -> tuple[Tensor, Tensor | None]:
+        "(W, U): the x and mu halves of the q/k/v projection, as views of the stored weights (U None: no mu parameters)."
+        if self.legacy: return self.qkv.weight, self.mu_qkv.weight
+        if self.initial_mu == "none": return self.qkv.weight, None
+        return self.qkv.weight[:, :self.dim], self.qkv.weight[:, self.dim:]
+
+    def project(self, x: Tensor, mu: Tensor | None) -> list[Tensor]:
+        "[q, k, v] = W x + U mu_tilde (mu_tilde = RMSNorm(mu), or the learned mu_0 at layer 0), by `self.impl`."
+        W, U = self.weights()
+        if self.first_layer:
+            bias = None if self.legacy or U is None else U @ self.mu_norm(self.mu_init)
+            return F.linear(x, W, bias).split(self.qkv_sizes, dim=-1)
+        m = self.mu_norm(mu)
+        if self.impl == "fused": return F.linear(torch.cat([x, m], dim=-1), self.qkv.weight).split(self.qkv_sizes, dim=-1)
+        if self.impl == "separate": return (F.linear(x, W) + F.linear(m, U)).split(self.qkv_sizes, dim=-1)
+        xm = torch.cat([x, m], dim=-1)                                    # "concat": v0.13.0's per-call concatenation
+        return [F.linear(xm, torch.cat([w, u], dim=1)) for w, u in zip(W.split(self.qkv_sizes), U.split(self.qkv_sizes))]
+
+    def check_mu(self, x: Tensor, mu: Tensor | None):
+        "Raise a clear error unless `mu` fits this layer: None at the first layer, else a finite tensor shaped like `x`."
+        if self.first_layer:
+            if mu is not None: raise ValueError("mu: a first layer (first_layer=True) takes no mu (its policy is "
+                                                f"initial_mu={self.initial_mu!r}{', legacy' if self.legacy else ''}); got a tensor")
+            return
+        if mu is None: raise ValueError("mu: layers after the first (first_layer=False) need the previous layer's mu [B, T, dim], got None")
+        if not isinstance(mu, Tensor): raise TypeError(f"mu must be a torch.Tensor, got {type(mu).__name__}")
+        if mu.shape != x.shape: raise ValueError(f"mu must have the shape of x {tuple(x.shape)}, got {tuple(mu.shape)}")
+        if mu.dtype != x.dtype: raise TypeError(f"mu must have the dtype of x ({x.dtype}), got {mu.dtype}")
+        if mu.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isfinite(mu).all():
+            raise ValueError("mu contains NaN or inf")                     # checked on cpu only: no host sync on the GPU
+
+    def forward(self, x: Tensor, mu: Tensor | None, pos: Tensor, mask: Tensor | None = None,
+                kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
+        """`x` [B, T, dim], `mu` [B, T, dim] (the previous layer's; None at the first layer), the rest as in `Attention`.
+        Mu enters the cached keys and values, so decoding needs only the new tokens' mu."""
+        self.check_mu(x, mu)
+        return self.attend(*self.project(x, mu), pos, mask, kv, start)
