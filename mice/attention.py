@@ -12,7 +12,7 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['MU_IMPLS', 'RMSNorm', 'RotaryEmbedding', 'swiglu_hidden', 'SwiGLU', 'causal_mask', 'KVCache', 'Attention',
-           'MuGuidedAttention']
+           'MuGuidedAttention', 'dead_parameters']
 
 # %% ../nbs/02_mu_attention.ipynb #5acd6baa
 class RMSNorm(nn.Module):
@@ -203,3 +203,8 @@ class MuGuidedAttention(Attention):
         Mu enters the cached keys and values, so decoding needs only the new tokens' mu."""
         self.check_mu(x, mu)
         return self.attend(*self.project(x, mu), pos, mask, kv, start)
+
+# %% ../nbs/02_mu_attention.ipynb #f054d8ae
+def dead_parameters(module: nn.Module) -> list[str]:
+    "Names of trainable parameters of `module` whose `.grad` is None or all zero (call after `backward`; syncs the host)."
+    return [n for n, p in module.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
