@@ -5,14 +5,17 @@
 # %% ../nbs/02_mu_attention.ipynb #8e856827
 from __future__ import annotations
 import math
+from dataclasses import replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from .bench import suite
 
 # %% auto #0
 __all__ = ['MU_IMPLS', 'RMSNorm', 'RotaryEmbedding', 'swiglu_hidden', 'SwiGLU', 'causal_mask', 'KVCache', 'Attention',
-           'MuGuidedAttention', 'dead_parameters']
+           'MuGuidedAttention', 'dead_parameters', 'attention_variants', 'attention_flops', 'decode_bytes',
+           'attention_suite']
 
 # %% ../nbs/02_mu_attention.ipynb #5acd6baa
 class RMSNorm(nn.Module):
@@ -208,3 +211,80 @@ class MuGuidedAttention(Attention):
 def dead_parameters(module: nn.Module) -> list[str]:
     "Names of trainable parameters of `module` whose `.grad` is None or all zero (call after `backward`; syncs the host)."
     return [n for n, p in module.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+
+# %% ../nbs/02_mu_attention.ipynb #3a8e3745
+def attention_variants(dim: int, n_heads: int, n_kv_heads: int) -> dict:
+    "The benchmarked layers, keyed by row name; the first (plain GQA) is the baseline."
+    return {"gqa (no mu)": Attention(dim, n_heads, n_kv_heads),
+            "mu separate": MuGuidedAttention(dim, n_heads, n_kv_heads, impl="separate"),
+            "mu concat per call (v0.13.0)": MuGuidedAttention(dim, n_heads, n_kv_heads, legacy=True),
+            "mu fused": MuGuidedAttention(dim, n_heads, n_kv_heads, impl="fused")}
+
+def attention_flops(layer: Attention, tokens: int, keys: float) -> float:
+    "Forward FLOPs of `layer` (not a first layer) for `tokens` queries that each attend to `keys` keys on average."
+    proj = sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
+    return tokens * (2 * proj + 4 * layer.out.in_features * keys)
+
+def decode_bytes(layer: Attention, batch: int, context: int, element_size: int) -> float:
+    "Fewest bytes a one-token decode step moves: every weight once, and the cached keys and values it reads."
+    weights = sum(p.numel() for p in layer.parameters())
+    return element_size * (weights + 2 * batch * layer.n_kv_heads * layer.head_dim * context)
+
+# %% ../nbs/02_mu_attention.ipynb #94876892
+def _opt_ints(opts: dict, key: str, default) -> list[int]:
+    try: return [int(v) for v in str(opts.get(key, default)).split(",")]
+    except ValueError: raise ValueError(f"--opt {key}: expected comma-separated integers, got {opts[key]!r}") from None
+
+@suite("attention")
+def attention_suite(args):
+    """Plain GQA vs mu-guided attention (separate / per-call concat (v0.13.0) / fused): prefill forward and forward+backward,
+    and one-token decode over a KV cache, with the same-run matmul and copy as ceilings.
+    Options (`--opt`): head_dim (128 cuda / 32 cpu), seq (prefill length T), context (decode cache length),
+    batches (decode batch sizes, comma-separated). `--tokens`: prefill tokens per call (default 8192 and 32768 on cuda).
+    `--sizes`: widths d (default 2048 and 1024 on cuda, 128 on cpu); heads = d / head_dim, KV heads = heads / 2."""
+    from mice.bench import _context, _modes, bench_step, compare, copy_result, floor_ms, time_fn, Result
+    device, dtype, env, ref = _context(args)
+    cuda = device.type == "cuda"
+    (hd,), (T,), (S,) = (_opt_ints(args.opts, k, v) for k, v in
+                         (("head_dim", 128 if cuda else 32), ("seq", 2048 if cuda else 64), ("context", 2048 if cuda else 64)))
+    batches = _opt_ints(args.opts, "batches", "1,8,32" if cuda else "1,4")
+    token_counts = [args.tokens] if args.tokens else ([8192, 32768] if cuda else [128, 256])
+    timer = dict(warmup=args.warmup, repeat=args.repeat, device=device)
+    copy = replace(copy_result(device, warmup=args.warmup, repeat=args.repeat), env=env)
+    rows = compare([ref], ref.name) + compare([copy], copy.name)
+    for d in args.sizes or ((2048, 1024) if cuda else (128,)):
+        if d % hd or (d // hd) % 2: raise ValueError(f"--sizes {d}: expected a multiple of 2 * head_dim ({2 * hd})")
+        H = d // hd
+        torch.manual_seed(0)
+        layers = {k: m.to(device, dtype) for k, m in attention_variants(d, H, H // 2).items()}
+        tag = lambda c: " compiled" if c else ""
+        for n in token_counts:
+            B = max(1, n // T)
+            xs = [tuple(torch.randn(B, T, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2)) for _ in range(2)]
+            pos = torch.arange(T, device=device)
+            group = []
+            for c in _modes(args):
+                for name, m in layers.items():
+                    run = torch.compile(m) if c else m
+                    fn = (lambda x, mu, run=run: run(x, pos)) if name == "gqa (no mu)" else (lambda x, mu, run=run: run(x, mu, pos))
+                    flops = attention_flops(m, B * T, (T + 1) / 2)
+                    note = f"B={B} T={T} H={H} H_kv={H // 2}; floor fwd {flops / ref.tflops / 1e9:.3f} ms, fwd+bwd {3 * flops / ref.tflops / 1e9:.3f} ms"
+                    group.append(bench_step(f"prefill d={d} N={B * T} {name}{tag(c)}", fn, xs, tokens=B * T, flops=flops,
+                                            params=list(m.parameters()), peak_tflops=ref.tflops, env=env, note=note, **timer))
+            rows += compare(group, group[0].name)
+        for B in batches:
+            kbuf, vbuf = (torch.randn(B, H // 2, S, hd, device=device, dtype=dtype) for _ in range(2))
+            x, mu = (torch.randn(B, 1, d, device=device, dtype=dtype) for _ in range(2))
+            pos, mask = torch.tensor([S - 1], device=device), causal_mask(1, S - 1, device=device)
+            group = []
+            for c in _modes(args):
+                for name, m in layers.items():
+                    run = torch.compile(m) if c else m
+                    args_ = (x, pos, mask, (kbuf, vbuf), S - 1) if name == "gqa (no mu)" else (x, mu, pos, mask, (kbuf, vbuf), S - 1)
+                    with torch.no_grad(): t = time_fn(lambda: run(*args_), **timer)
+                    flops, nbytes = attention_flops(m, B, S), decode_bytes(m, B, S, x.element_size())
+                    note = f"B={B} context={S}; floor {floor_ms(flops, nbytes, ref.tflops, copy.gbs) * 1e3:.1f} us (bytes / copy bandwidth)"
+                    group.append(Result(f"decode d={d} B={B} {name}{tag(c)}", tokens=B, flops=flops, nbytes=nbytes, fwd=t,
+                                        peak_tflops=ref.tflops, env=env, note=note))
+            rows += compare(group, group[0].name)
+    return rows

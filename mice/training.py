@@ -585,9 +585,11 @@ def compare_runs(models: list[str], seeds: list[int], base: TrainConfig | None =
     if match_params:
         target = build_model(models[0], base.preset, **kw).num_params(embedding=False)
         for m in models:
-            hidden[m] = matched_hidden(m, base.preset, target, **kw)
-            n = build_model(m, base.preset, **{**kw, "hidden": hidden[m]}).num_params(embedding=False)
-            if abs(n / target - 1) > 0.02: raise ValueError(f"cannot match {m!r} to {target} parameters within 2% ({n})")
+            for multiple in (8, 1):                  # a multiple of 8 if that is within 2%, else any width
+                hidden[m] = matched_hidden(m, base.preset, target, multiple, **kw)
+                n = build_model(m, base.preset, **{**kw, "hidden": hidden[m]}).num_params(embedding=False)
+                if abs(n / target - 1) <= 0.02: break
+            else: raise ValueError(f"cannot match {m!r} to {target} parameters within 2% by the MLP width (best: {n})")
     configs = [asdict(TrainConfig(**{**asdict(base), "model": m, "seed": s, "sample_tokens": 0, "out_dir": f"{base.out_dir}/{m}-seed{s}",
                                      "model_overrides": {**base.model_overrides, **({"hidden": hidden[m]} if hidden else {})}}))
                for s in seeds for m in models]
