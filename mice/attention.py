@@ -13,8 +13,8 @@ from torch import Tensor
 from .bench import suite
 
 # %% auto #0
-__all__ = ['MU_IMPLS', 'RMSNorm', 'RotaryEmbedding', 'swiglu_hidden', 'SwiGLU', 'causal_mask', 'KVCache', 'Attention',
-           'MuGuidedAttention', 'dead_parameters', 'attention_variants', 'attention_flops', 'decode_bytes',
+__all__ = ['MU_IMPLS', 'MU_NORMS', 'RMSNorm', 'RotaryEmbedding', 'swiglu_hidden', 'SwiGLU', 'causal_mask', 'KVCache', 'Attention',
+           'RMSBound', 'MuGuidedAttention', 'dead_parameters', 'attention_variants', 'attention_flops', 'decode_bytes',
            'attention_suite']
 
 # %% ../nbs/02_mu_attention.ipynb #5acd6baa
@@ -135,24 +135,40 @@ class Attention(nn.Module):
 
 # %% ../nbs/02_mu_attention.ipynb #265a24a7
 MU_IMPLS = ("fused", "separate", "concat")
+MU_NORMS = ("rms", "bound")
+
+class RMSBound(nn.Module):
+    "Scale each vector down to RMS `max_rms` if it is larger, else leave it (`x / max(1, rms(x) / max_rms)`), in float32."
+    def __init__(self, max_rms: float = 1.0):
+        super().__init__()
+        self.max_rms = max_rms
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()    # clamp the mean square before rsqrt: finite gradient at x = 0 (a zero-initialised mu)
+        return (xf * (xf.pow(2).mean(-1, keepdim=True) / self.max_rms**2).clamp(min=1.0).rsqrt()).type_as(x)
+
 
 class MuGuidedAttention(Attention):
     """Attention whose q, k, v also read the previous layer's mu: `[q; k; v] = W x + U RMSNorm(mu)`.
 
-    `mu_norm` (None: True, or False if `legacy`) RMS-normalises mu. `impl` (None: "fused", or "concat" if `legacy`):
+    `mu_norm` (None: "rms", or False if `legacy`): "rms" (or True) RMSNorm with a gain, "bound" rescales mu to RMS <= 1
+    only where it is larger (identity near 0), False leaves mu as is. `impl` (None: "fused", or "concat" if `legacy`):
     "fused" one GEMM on [x; mu] with the stored [W | U]; "separate" two GEMMs on views of it; "concat" the v0.13.0
     per-call weight concatenation and three `F.linear`. `first_layer=True` takes no mu; its `initial_mu` (None: "learned")
     is "learned" (a learned mu_0, i.e. a q/k/v bias) or "none" (no mu parameters). `legacy=True` is v0.13.0: separate
     `qkv` and `mu_qkv` weights in every layer (dead at layer 0), unnormalised mu, per-call concatenation."""
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, qk_norm: bool = True,
-                 rope_theta: float = 10_000.0, eps: float = 1e-6, mu_norm: bool | None = None, first_layer: bool = False,
+                 rope_theta: float = 10_000.0, eps: float = 1e-6, mu_norm: bool | str | None = None, first_layer: bool = False,
                  impl: str | None = None, legacy: bool = False, initial_mu: str | None = None):
         super().__init__(dim, n_heads, n_kv_heads, qk_norm, rope_theta, eps)
         if impl is not None and impl not in MU_IMPLS: raise ValueError(f"impl must be one of {MU_IMPLS}, got {impl!r}")
+        norms = {None: "rms", True: "rms", False: None, "rms": "rms", "bound": "bound"}
+        if not isinstance(mu_norm, (bool, str, type(None))) or mu_norm not in norms:
+            raise ValueError(f"mu_norm must be True, False, 'rms' or 'bound', got {mu_norm!r}")
         if initial_mu not in (None, "learned", "none"):
             raise ValueError(f"initial_mu must be 'learned' or 'none', got {initial_mu!r}")
         if legacy:
-            if mu_norm: raise ValueError("legacy=True reproduces v0.13.0, whose mu is unnormalised: leave mu_norm None or False")
+            if mu_norm not in (None, False): raise ValueError("legacy=True reproduces v0.13.0, whose mu is unnormalised: leave mu_norm None or False")
             if impl not in (None, "concat"): raise ValueError(f"legacy=True concatenates weights per call: impl must be None or 'concat', got {impl!r}")
             if initial_mu is not None: raise ValueError("legacy=True has no mu at layer 0: leave initial_mu None")
         self.dim, self.first_layer, self.legacy = dim, first_layer, legacy
@@ -162,12 +178,13 @@ class MuGuidedAttention(Attention):
         if legacy: self.mu_qkv = nn.Linear(dim, out, bias=False)          # v0.13.0 layout (dead at layer 0)
         elif self.initial_mu != "none": self.qkv = nn.Linear(2 * dim, out, bias=False)  # [W | U], stored once
         has_mu = not legacy and self.initial_mu != "none" or legacy and not first_layer
-        self.mu_norm = RMSNorm(dim, eps) if has_mu and (mu_norm is None or mu_norm) and not legacy else nn.Identity()
+        self.mu_norm_kind = norms[mu_norm] if has_mu and not legacy else None
+        self.mu_norm = {"rms": lambda: RMSNorm(dim, eps), "bound": RMSBound, None: nn.Identity}[self.mu_norm_kind]()
         if self.initial_mu == "learned": self.mu_init = nn.Parameter(torch.randn(dim))
 
     def extra_repr(self) -> str:
         return (f"impl={self.impl!r}, first_layer={self.first_layer}, legacy={self.legacy}, "
-                f"initial_mu={self.initial_mu!r}, mu_norm={not isinstance(self.mu_norm, nn.Identity)}")
+                f"initial_mu={self.initial_mu!r}, mu_norm={self.mu_norm_kind!r}")
 
     def weights(self) -> tuple[Tensor, Tensor | None]:
         "(W, U): the x and mu halves of the q/k/v projection, as views of the stored weights (U None: no mu parameters)."

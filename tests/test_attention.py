@@ -113,6 +113,21 @@ def test_cache_equals_recompute(shape, kind, data, seed):
     assert torch.isfinite(torch.cat(outs, 1)).all()
 
 
+@SMALL
+@given(st.floats(1e-3, 1e3), st.integers(0, 2**16))
+def test_bound_norm(scale, seed):
+    "mu_norm='bound' is the identity below RMS 1 and caps the RMS at 1 above it; its gradient at mu = 0 is finite."
+    torch.manual_seed(seed)
+    layer = MuGuidedAttention(32, 4, 2, mu_norm="bound")
+    mu = scale * torch.randn(2, 5, 32, dtype=torch.float64)
+    out = layer.mu_norm(mu)
+    r = mu.pow(2).mean(-1, keepdim=True).sqrt()
+    assert torch.allclose(out, torch.where(r > 1, mu / r, mu), rtol=1e-5, atol=1e-7)
+    zero = torch.zeros(1, 3, 32, requires_grad=True)
+    layer(torch.randn(1, 3, 32), zero, torch.arange(3)).sum().backward()
+    assert torch.isfinite(zero.grad).all()
+
+
 def test_top_left_decode_mask_is_wrong():
     "The v0.13.0 decode mask (SDPA is_causal=True on a one-token step) sees position 0 only: it breaks cache == recompute."
     torch.manual_seed(0)
@@ -143,8 +158,9 @@ def stack_step(n_layers=3, **kw):
 
 @pytest.mark.parametrize("impl", MU_IMPLS)
 @pytest.mark.parametrize("initial_mu", ["learned", "none"])
-def test_no_dead_parameters(impl, initial_mu):
-    assert stack_step(impl=impl, initial_mu=initial_mu) == []
+@pytest.mark.parametrize("mu_norm", ["rms", "bound"])
+def test_no_dead_parameters(impl, initial_mu, mu_norm):
+    assert stack_step(impl=impl, initial_mu=initial_mu, mu_norm=mu_norm) == []
 
 
 def test_legacy_layer0_mu_weights_are_dead():
@@ -202,7 +218,7 @@ def test_first_layer_refuses_mu():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(impl="triton"), "impl"), (dict(initial_mu="zeros"), "initial_mu"),
+    (dict(impl="triton"), "impl"), (dict(initial_mu="zeros"), "initial_mu"), (dict(mu_norm="layer"), "mu_norm"),
     (dict(legacy=True, mu_norm=True), "mu_norm"), (dict(legacy=True, impl="separate"), "impl"),
     (dict(legacy=True, initial_mu="none"), "initial_mu"), (dict(n_kv_heads=3), "n_kv_heads"),
 ])
