@@ -109,7 +109,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, pos: Tensor, mask: Tensor | None = None,
                 kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
-        """`x` [B, T, dim], `pos` [T] or [B, T] positions, `mask` from `causal_mask` (None: causal, no cache).
+        """`x` [B, T, dim], `pos` [T] or [B, T] positions, `mask` from `causal_mask` (None: causal without a cache, or a
+        one-token step without padding, whose query sees every key).
         `kv` is this layer's cache buffers: the new keys/values are written at `start:start+T` and all `start+T` are used."""
         return self.attend(*self.qkv(x).split(self.qkv_sizes, dim=-1), pos, mask, kv, start)
 
@@ -128,8 +129,9 @@ class Attention(nn.Module):
         if kv is not None:
             kv[0][:, :, start:start + T], kv[1][:, :, start:start + T] = k, v
             k, v = kv[0][:, :, :start + T], kv[1][:, :, :start + T]
-        if mask is None and start > 0: raise ValueError("a cached step needs the mask from causal_mask(T, start)")
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        if mask is None and start > 0 and T > 1:
+            raise ValueError("a cached step of several tokens needs the mask from causal_mask(T, start)")
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -252,13 +254,33 @@ def _opt_ints(opts: dict, key: str, default) -> list[int]:
     try: return [int(v) for v in str(opts.get(key, default)).split(",")]
     except ValueError: raise ValueError(f"--opt {key}: expected comma-separated integers, got {opts[key]!r}") from None
 
+def _graphed(fn, device):
+    "Capture `fn()` (static inputs and outputs) in a CUDA graph; returns its replay. Warm-up runs on a side stream."
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3): fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph): fn()
+    return graph.replay
+
+def _decode_modes(args, cuda: bool) -> list[str]:
+    "How decode steps run: eager always; CUDA-graph replay on cuda (no host overhead); compiled with --compile."
+    from mice.bench import _modes
+    return ["eager"] + (["graph"] if cuda else []) + (["compiled"] if True in _modes(args) else [])
+
 @suite("attention")
 def attention_suite(args):
     """Plain GQA vs mu-guided attention (separate / per-call concat (v0.13.0) / fused): prefill forward and forward+backward,
-    and one-token decode over a KV cache, with the same-run matmul and copy as ceilings.
+    and one-token decode over a KV cache (eager, CUDA-graph replay on cuda, compiled with --compile), with the same-run
+    matmul and copy as ceilings. Decode steps pass no mask (the one-token fast path); on cuda plain GQA is also timed
+    with the explicit all-True mask of `causal_mask(1, S - 1)`.
     Options (`--opt`): head_dim (128 cuda / 32 cpu), seq (prefill length T), context (decode cache length),
     batches (decode batch sizes, comma-separated). `--tokens`: prefill tokens per call (default 8192 and 32768 on cuda).
-    `--sizes`: widths d (default 2048 and 1024 on cuda, 128 on cpu); heads = d / head_dim, KV heads = heads / 2."""
+    `--sizes`: widths d (default 2048 and 1024 on cuda, 128 on cpu); heads = d / head_dim, KV heads = heads / 2.
+    `--compile`: compiled rows (a fresh `torch._dynamo.reset()` per variant) at the first width, first token count and
+    first decode batch only, to keep compile time to a few minutes."""
     from mice.bench import _context, _modes, bench_step, compare, copy_result, floor_ms, time_fn, Result
     device, dtype, env, ref = _context(args)
     cuda = device.type == "cuda"
@@ -269,39 +291,47 @@ def attention_suite(args):
     timer = dict(warmup=args.warmup, repeat=args.repeat, device=device)
     copy = replace(copy_result(device, warmup=args.warmup, repeat=args.repeat), env=env)
     rows = compare([ref], ref.name) + compare([copy], copy.name)
-    for d in args.sizes or ((2048, 1024) if cuda else (128,)):
+    def compiled(m):
+        torch._dynamo.reset()           # every variant and shape gets its own compile, never the recompile limit's eager fallback
+        return torch.compile(m)
+    for di, d in enumerate(args.sizes or ((2048, 1024) if cuda else (128,))):
         if d % hd or (d // hd) % 2: raise ValueError(f"--sizes {d}: expected a multiple of 2 * head_dim ({2 * hd})")
         H = d // hd
         torch.manual_seed(0)
         layers = {k: m.to(device, dtype) for k, m in attention_variants(d, H, H // 2).items()}
-        tag = lambda c: " compiled" if c else ""
-        for n in token_counts:
+        for ni, n in enumerate(token_counts):
             B = max(1, n // T)
             xs = [tuple(torch.randn(B, T, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2)) for _ in range(2)]
             pos = torch.arange(T, device=device)
             group = []
-            for c in _modes(args):
+            for c in [c for c in _modes(args) if not c or di == ni == 0]:
                 for name, m in layers.items():
-                    run = torch.compile(m) if c else m
+                    run = compiled(m) if c else m
                     fn = (lambda x, mu, run=run: run(x, pos)) if name == "gqa (no mu)" else (lambda x, mu, run=run: run(x, mu, pos))
                     flops = attention_flops(m, B * T, (T + 1) / 2)
                     note = f"B={B} T={T} H={H} H_kv={H // 2}; floor fwd {flops / ref.tflops / 1e9:.3f} ms, fwd+bwd {3 * flops / ref.tflops / 1e9:.3f} ms"
-                    group.append(bench_step(f"prefill d={d} N={B * T} {name}{tag(c)}", fn, xs, tokens=B * T, flops=flops,
-                                            params=list(m.parameters()), peak_tflops=ref.tflops, env=env, note=note, **timer))
+                    group.append(bench_step(f"prefill d={d} N={B * T} {name}{' compiled' if c else ''}", fn, xs, tokens=B * T,
+                                            flops=flops, params=list(m.parameters()), peak_tflops=ref.tflops, env=env, note=note, **timer))
             rows += compare(group, group[0].name)
-        for B in batches:
+        for bi, B in enumerate(batches):
             kbuf, vbuf = (torch.randn(B, H // 2, S, hd, device=device, dtype=dtype) for _ in range(2))
             x, mu = (torch.randn(B, 1, d, device=device, dtype=dtype) for _ in range(2))
-            pos, mask = torch.tensor([S - 1], device=device), causal_mask(1, S - 1, device=device)
+            pos, full_mask = torch.tensor([S - 1], device=device), causal_mask(1, S - 1, device=device)
+            cases = [(name, m, None) for name, m in layers.items()] + ([("gqa (no mu) bool mask", layers["gqa (no mu)"], full_mask)] if cuda else [])
             group = []
-            for c in _modes(args):
-                for name, m in layers.items():
-                    run = torch.compile(m) if c else m
-                    args_ = (x, pos, mask, (kbuf, vbuf), S - 1) if name == "gqa (no mu)" else (x, mu, pos, mask, (kbuf, vbuf), S - 1)
-                    with torch.no_grad(): t = time_fn(lambda: run(*args_), **timer)
+            for mode in [m for m in _decode_modes(args, cuda) if m != "compiled" or di == bi == 0]:
+                for name, m, mask in cases:
+                    run = compiled(m) if mode == "compiled" else m
+                    call = (x, pos, mask, (kbuf, vbuf), S - 1) if name.startswith("gqa") else (x, mu, pos, mask, (kbuf, vbuf), S - 1)
+                    step, note = (lambda: run(*call)), ""
+                    with torch.no_grad():
+                        if mode == "graph":
+                            try: step = _graphed(step, device)
+                            except RuntimeError as e: note = f"CUDA graph capture failed ({str(e)[:80]}), timed eager; "
+                        t = time_fn(step, **timer)
                     flops, nbytes = attention_flops(m, B, S), decode_bytes(m, B, S, x.element_size())
-                    note = f"B={B} context={S}; floor {floor_ms(flops, nbytes, ref.tflops, copy.gbs) * 1e3:.1f} us (bytes / copy bandwidth)"
-                    group.append(Result(f"decode d={d} B={B} {name}{tag(c)}", tokens=B, flops=flops, nbytes=nbytes, fwd=t,
+                    note += f"B={B} context={S}; floor {floor_ms(flops, nbytes, ref.tflops, copy.gbs) * 1e3:.1f} us (bytes / copy bandwidth)"
+                    group.append(Result(f"decode d={d} B={B} {name} {mode}", tokens=B, flops=flops, nbytes=nbytes, fwd=t,
                                         peak_tflops=ref.tflops, env=env, note=note))
             rows += compare(group, group[0].name)
     return rows
