@@ -240,3 +240,20 @@ def test_compiles_fullgraph(kind):
     y.sum().backward()
     assert dead_parameters(layer) == []
     torch.compiler.reset()
+
+
+@SMALL
+@given(gqa_shapes(), st.sampled_from(KINDS), st.integers(0, 2**16))
+def test_one_token_steps_need_no_mask(shape, kind, seed):
+    "A one-token decode step may pass mask=None (its query sees every cached key); several tokens may not."
+    H, G, B, T = shape
+    torch.manual_seed(seed)
+    layer = make(kind, 8 * H, H, G)
+    x, mu = torch.randn(B, T, 8 * H), torch.randn(B, T, 8 * H)
+    full = call(layer, x, mu, torch.arange(T))
+    kb = torch.zeros(B, G, T + 2, 8)
+    vb = torch.zeros_like(kb)
+    steps = [call(layer, x[:, t:t + 1], mu[:, t:t + 1], torch.arange(t, t + 1), None, (kb, vb), t) for t in range(T)]
+    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="needs the mask"):
+        call(layer, x[:, :2], mu[:, :2], torch.arange(1, 3), None, (kb, vb), 1)
