@@ -236,8 +236,9 @@ def attention_variants(dim: int, n_heads: int, n_kv_heads: int) -> dict:
     "The benchmarked layers, keyed by row name; the first (plain GQA) is the baseline."
     return {"gqa (no mu)": Attention(dim, n_heads, n_kv_heads),
             "mu separate": MuGuidedAttention(dim, n_heads, n_kv_heads, impl="separate"),
-            "mu concat per call (v0.13.0)": MuGuidedAttention(dim, n_heads, n_kv_heads, legacy=True),
-            "mu fused": MuGuidedAttention(dim, n_heads, n_kv_heads, impl="fused")}
+            "mu concat per call": MuGuidedAttention(dim, n_heads, n_kv_heads, impl="concat"),
+            "mu fused": MuGuidedAttention(dim, n_heads, n_kv_heads, impl="fused"),
+            "mu v0.13.0 (legacy)": MuGuidedAttention(dim, n_heads, n_kv_heads, legacy=True)}
 
 def attention_flops(layer: Attention, tokens: int, keys: float) -> float:
     "Forward FLOPs of `layer` (not a first layer) for `tokens` queries that each attend to `keys` keys on average."
