@@ -42,6 +42,7 @@ class ModelConfig:
     inl_dt: float = 0.1
     inl_controller: int = 64
     mu_highway: float = 0.1
+    mu_norm: str | None = None        # how attention reads mu: "rms" (default), "bound" or "none"
     legacy: bool = False
     mlp: str = "swiglu"
 
@@ -61,6 +62,8 @@ class ModelConfig:
         if not (self.mu_attention or self.inl):
             if self.legacy: raise ValueError("ModelConfig.legacy=True selects the source's mu-attention/INL behaviour; it needs mu_attention or inl")
             if self.mu_highway != defaults["mu_highway"]: raise ValueError("ModelConfig.mu_highway is set but no layer makes a mu (mu_attention and inl are False)")
+        if self.mu_norm not in (None, "rms", "bound", "none"): raise ValueError(f"ModelConfig.mu_norm must be 'rms', 'bound', 'none' or None, got {self.mu_norm!r}")
+        if self.mu_norm is not None and not self.mu_attention: raise ValueError(f"ModelConfig.mu_norm={self.mu_norm!r} given but mu_attention=False")
         if self.inl_bounds not in (None, "smooth", "clamp"): raise ValueError(f"ModelConfig.inl_bounds must be 'smooth', 'clamp' or None, got {self.inl_bounds!r}")
         if self.legacy and self.inl_bounds == "smooth": raise ValueError("ModelConfig: legacy=True uses the source's hard clamps; inl_bounds='smooth' contradicts it")
         if not self.inl_dt > 0: raise ValueError(f"ModelConfig.inl_dt must be > 0, got {self.inl_dt}")
@@ -84,7 +87,8 @@ class Block(nn.Module):
         self.mu_attention = c.mu_attention
         if c.mu_attention:
             self.attn = MuGuidedAttention(c.dim, c.n_heads, c.n_kv_heads, c.qk_norm, c.rope_theta, c.norm_eps,
-                                          first_layer=layer == 0, legacy=c.legacy)
+                                          first_layer=layer == 0, legacy=c.legacy,
+                                          mu_norm={None: None, "rms": "rms", "bound": "bound", "none": False}[c.mu_norm])
         else: self.attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.qk_norm, c.rope_theta, c.norm_eps)
         self.mlp = MLPS[c.mlp](c)
         params = inspect.signature(self.mlp.forward).parameters

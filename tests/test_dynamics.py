@@ -65,10 +65,10 @@ def test_effective_init_after_model_init(kind, legacy, want):
         assert b.dynamics.context.mu.abs().max() == 0
 
 
-@pytest.mark.parametrize("kind", ["mu", "inl", "mu_inl"])
-def test_cache_equals_recompute(kind):
+@pytest.mark.parametrize("kind, extra", [("mu", {}), ("inl", {}), ("mu_inl", {}), ("mu_inl", dict(mu_norm="bound"))])
+def test_cache_equals_recompute(kind, extra):
     torch.manual_seed(1)
-    model = build_model(kind, None, **SHAPE)
+    model = build_model(kind, None, **SHAPE, **extra)
     with torch.no_grad():                              # move off the init so mu and INL matter
         for p in model.parameters(): p.add_(torch.randn_like(p) * 0.05)
     idx = torch.randint(0, 61, (2, 12))
@@ -98,6 +98,8 @@ def test_cache_equals_recompute(kind):
     (dict(inl=True, inl_dt=0.0), "inl_dt must be > 0"),
     (dict(mu_attention=True, mu_highway=-1.0), "mu_highway must be >= 0"),
     (dict(mlp="moe"), "unknown MLP 'moe'"),
+    (dict(mu_norm="bound"), "mu_attention=False"),
+    (dict(mu_attention=True, mu_norm="layer"), "mu_norm must be"),
 ])
 def test_contradictory_mechanism_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
