@@ -507,7 +507,8 @@ def train(c: TrainConfig, resume: str | Path | None = None, stop_at: int | None 
     bar.close()
     if own_group: torch.distributed.destroy_process_group()
     result = {"val_bpb": history[-1]["val_bpb"] if history else None, "history": history, "checkpoint": str(ckpt_path),
-              "seconds": time.perf_counter() - t0, "params": model.num_params(), "params_no_embedding": model.num_params(False)}
+              "seconds": time.perf_counter() - t0, "params": model.num_params(), "params_no_embedding": model.num_params(False),
+              "model_config": asdict(model.config)}
     if main and c.sample_tokens:
         result["sample"] = sample_text(model, tok, "\n", c.sample_tokens, seed=c.seed)
         log(f"validation: {result['val_bpb']:.3f} bits/byte after {end} steps ({result['seconds']:.0f} s); "
@@ -532,7 +533,7 @@ def _one_run(c: dict) -> dict:
     torch.set_num_threads(max(1, int(os.environ.get("MICE_THREADS_PER_RUN", torch.get_num_threads()))))
     r = train(TrainConfig(**c), progress=False, log=lambda *a: None)
     r.pop("sample", None)
-    return {"model": c["model"], "seed": c["seed"], "hidden": c["model_overrides"].get("hidden"), **r}
+    return {"model": c["model"], "seed": c["seed"], "hidden": r["model_config"]["hidden"], **r}
 
 def tokens_to_target(tokens: list[float], bpb: list[float], target: float) -> float | None:
     "Training tokens at which the curve `bpb(tokens)` first reaches `target` (linear between points); None if never."

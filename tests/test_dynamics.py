@@ -232,3 +232,12 @@ def test_compare_runs_small(tmp_path):
     assert s["mu_inl"]["hidden"] < s["inl"]["hidden"] < s["dense"]["hidden"]
     with pytest.raises(ValueError, match="unknown model"):
         compare_runs(["dense", "nope"], [0], base)
+
+
+def test_compare_runs_unmatched_keeps_the_width(tmp_path):
+    from mice.training import TrainConfig, compare_runs
+    base = TrainConfig(steps=2, batch_size=2, seq_len=16, eval_every=2, eval_tokens=256, full_final_eval=False, warmup=1,
+                       out_dir=str(tmp_path), model_overrides=dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1))
+    s = compare_runs(["dense", "inl"], [0], base, match_params=False, log=lambda *a: None)["summary"]
+    assert s["dense"]["hidden"] == s["inl"]["hidden"] == ModelConfig(dim=32).hidden
+    assert s["inl"]["params_no_embedding"] > s["dense"]["params_no_embedding"]
