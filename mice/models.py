@@ -160,7 +160,8 @@ class Transformer(nn.Module):
         if valid is not None and valid.shape[0] != B: raise ValueError(f"valid must have shape [{B}, ...], got {tuple(valid.shape)}")
         pos = torch.arange(start, start + T, device=idx.device) if valid is None else \
               (valid.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-        mask = causal_mask(T, start, valid, idx.device)
+        # one new token without padding sees every cached key: no mask, so SDPA can take its mask-free kernels
+        mask = None if T == 1 and valid is None else causal_mask(T, start, valid, idx.device)
         x, v, mu, total = self.embed(idx), None, None, None
         for i, block in enumerate(self.blocks):
             x, v, mu = block(x, pos, mask, None if cache is None else cache.layer(i), start, mu, v, idx)
