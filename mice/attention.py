@@ -5,13 +5,17 @@
 # %% ../nbs/02_mu_attention.ipynb #8e856827
 from __future__ import annotations
 import math
+from dataclasses import replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from .bench import suite
 
 # %% auto #0
-__all__ = ['RMSNorm', 'RotaryEmbedding', 'swiglu_hidden', 'SwiGLU', 'causal_mask', 'KVCache', 'Attention']
+__all__ = ['MU_IMPLS', 'MU_NORMS', 'RMSNorm', 'RotaryEmbedding', 'swiglu_hidden', 'SwiGLU', 'causal_mask', 'KVCache', 'Attention',
+           'RMSBound', 'MuGuidedAttention', 'dead_parameters', 'attention_variants', 'attention_flops', 'decode_bytes',
+           'attention_suite']
 
 # %% ../nbs/02_mu_attention.ipynb #5acd6baa
 class RMSNorm(nn.Module):
@@ -105,16 +109,230 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, pos: Tensor, mask: Tensor | None = None,
                 kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
-        """`x` [B, T, dim], `pos` [T] or [B, T] positions, `mask` from `causal_mask` (None: causal, no cache).
+        """`x` [B, T, dim], `pos` [T] or [B, T] positions, `mask` from `causal_mask` (None: causal without a cache, or a
+        one-token step without padding, whose query sees every key).
         `kv` is this layer's cache buffers: the new keys/values are written at `start:start+T` and all `start+T` are used."""
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2).split(
-            [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)
+        return self.attend(*self.qkv(x).split(self.qkv_sizes, dim=-1), pos, mask, kv, start)
+
+    @property
+    def qkv_sizes(self) -> list[int]:
+        "Output widths of the query, key and value projections: H d_h, H_kv d_h, H_kv d_h."
+        return [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, mask: Tensor | None = None,
+               kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
+        """Everything after the input projections: `q` [B, T, H d_h], `k`, `v` [B, T, H_kv d_h] -> per-head QK-norm, RoPE,
+        cache write, SDPA, output projection."""
+        B, T, _ = q.shape
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = self.rope(self.q_norm(q), pos), self.rope(self.k_norm(k), pos)
         if kv is not None:
             kv[0][:, :, start:start + T], kv[1][:, :, start:start + T] = k, v
             k, v = kv[0][:, :, :start + T], kv[1][:, :, :start + T]
-        if mask is None and start > 0: raise ValueError("a cached step needs the mask from causal_mask(T, start)")
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        if mask is None and start > 0 and T > 1:
+            raise ValueError("a cached step of several tokens needs the mask from causal_mask(T, start)")
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+# %% ../nbs/02_mu_attention.ipynb #265a24a7
+MU_IMPLS = ("fused", "separate", "concat")
+MU_NORMS = ("rms", "bound")
+
+class RMSBound(nn.Module):
+    "Scale each vector down to RMS `max_rms` if it is larger, else leave it (`x / max(1, rms(x) / max_rms)`), in float32."
+    def __init__(self, max_rms: float = 1.0):
+        super().__init__()
+        self.max_rms = max_rms
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()    # clamp the mean square before rsqrt: finite gradient at x = 0 (a zero-initialised mu)
+        return (xf * (xf.pow(2).mean(-1, keepdim=True) / self.max_rms**2).clamp(min=1.0).rsqrt()).type_as(x)
+
+
+class MuGuidedAttention(Attention):
+    """Attention whose q, k, v also read the previous layer's mu: `[q; k; v] = W x + U RMSNorm(mu)`.
+
+    `mu_norm` (None: "rms", or False if `legacy`): "rms" (or True) RMSNorm with a gain, "bound" rescales mu to RMS <= 1
+    only where it is larger (identity near 0), False leaves mu as is. `impl` (None: "fused", or "concat" if `legacy`):
+    "fused" one GEMM on [x; mu] with the stored [W | U]; "separate" two GEMMs on views of it; "concat" the v0.13.0
+    per-call weight concatenation and three `F.linear`. `first_layer=True` takes no mu; its `initial_mu` (None: "learned")
+    is "learned" (a learned mu_0, i.e. a q/k/v bias) or "none" (no mu parameters). `legacy=True` is v0.13.0: separate
+    `qkv` and `mu_qkv` weights in every layer (dead at layer 0), unnormalised mu, per-call concatenation."""
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, qk_norm: bool = True,
+                 rope_theta: float = 10_000.0, eps: float = 1e-6, mu_norm: bool | str | None = None, first_layer: bool = False,
+                 impl: str | None = None, legacy: bool = False, initial_mu: str | None = None):
+        super().__init__(dim, n_heads, n_kv_heads, qk_norm, rope_theta, eps)
+        if impl is not None and impl not in MU_IMPLS: raise ValueError(f"impl must be one of {MU_IMPLS}, got {impl!r}")
+        norms = {None: "rms", True: "rms", False: None, "rms": "rms", "bound": "bound"}
+        if not isinstance(mu_norm, (bool, str, type(None))) or mu_norm not in norms:
+            raise ValueError(f"mu_norm must be True, False, 'rms' or 'bound', got {mu_norm!r}")
+        if initial_mu not in (None, "learned", "none"):
+            raise ValueError(f"initial_mu must be 'learned' or 'none', got {initial_mu!r}")
+        if legacy:
+            if mu_norm not in (None, False): raise ValueError("legacy=True reproduces v0.13.0, whose mu is unnormalised: leave mu_norm None or False")
+            if impl not in (None, "concat"): raise ValueError(f"legacy=True concatenates weights per call: impl must be None or 'concat', got {impl!r}")
+            if initial_mu is not None: raise ValueError("legacy=True has no mu at layer 0: leave initial_mu None")
+        self.dim, self.first_layer, self.legacy = dim, first_layer, legacy
+        self.impl = impl or ("concat" if legacy else "fused")
+        self.initial_mu = None if legacy or not first_layer else (initial_mu or "learned")
+        out = self.qkv.out_features
+        if legacy: self.mu_qkv = nn.Linear(dim, out, bias=False)          # v0.13.0 layout (dead at layer 0)
+        elif self.initial_mu != "none": self.qkv = nn.Linear(2 * dim, out, bias=False)  # [W | U], stored once
+        has_mu = not legacy and self.initial_mu != "none" or legacy and not first_layer
+        self.mu_norm_kind = norms[mu_norm] if has_mu and not legacy else None
+        self.mu_norm = {"rms": lambda: RMSNorm(dim, eps), "bound": RMSBound, None: nn.Identity}[self.mu_norm_kind]()
+        if self.initial_mu == "learned": self.mu_init = nn.Parameter(torch.randn(dim))
+
+    def extra_repr(self) -> str:
+        return (f"impl={self.impl!r}, first_layer={self.first_layer}, legacy={self.legacy}, "
+                f"initial_mu={self.initial_mu!r}, mu_norm={self.mu_norm_kind!r}")
+
+    def weights(self) -> tuple[Tensor, Tensor | None]:
+        "(W, U): the x and mu halves of the q/k/v projection, as views of the stored weights (U None: no mu parameters)."
+        if self.legacy: return self.qkv.weight, self.mu_qkv.weight
+        if self.initial_mu == "none": return self.qkv.weight, None
+        return self.qkv.weight[:, :self.dim], self.qkv.weight[:, self.dim:]
+
+    def project(self, x: Tensor, mu: Tensor | None) -> list[Tensor]:
+        "[q, k, v] = W x + U mu_tilde (mu_tilde = RMSNorm(mu), or the learned mu_0 at layer 0), by `self.impl`."
+        W, U = self.weights()
+        if self.first_layer:
+            bias = None if self.legacy or U is None else U @ self.mu_norm(self.mu_init)
+            return F.linear(x, W, bias).split(self.qkv_sizes, dim=-1)
+        m = self.mu_norm(mu)
+        if self.impl == "fused": return F.linear(torch.cat([x, m], dim=-1), self.qkv.weight).split(self.qkv_sizes, dim=-1)
+        if self.impl == "separate": return (F.linear(x, W) + F.linear(m, U)).split(self.qkv_sizes, dim=-1)
+        xm = torch.cat([x, m], dim=-1)                                    # "concat": v0.13.0's per-call concatenation
+        return [F.linear(xm, torch.cat([w, u], dim=1)) for w, u in zip(W.split(self.qkv_sizes), U.split(self.qkv_sizes))]
+
+    def check_mu(self, x: Tensor, mu: Tensor | None):
+        "Raise a clear error unless `mu` fits this layer: None at the first layer, else a finite tensor shaped like `x`."
+        if self.first_layer:
+            if mu is not None: raise ValueError("mu: a first layer (first_layer=True) takes no mu (its policy is "
+                                                f"initial_mu={self.initial_mu!r}{', legacy' if self.legacy else ''}); got a tensor")
+            return
+        if mu is None: raise ValueError("mu: layers after the first (first_layer=False) need the previous layer's mu [B, T, dim], got None")
+        if not isinstance(mu, Tensor): raise TypeError(f"mu must be a torch.Tensor, got {type(mu).__name__}")
+        if mu.shape != x.shape: raise ValueError(f"mu must have the shape of x {tuple(x.shape)}, got {tuple(mu.shape)}")
+        if mu.dtype != x.dtype: raise TypeError(f"mu must have the dtype of x ({x.dtype}), got {mu.dtype}")
+        if mu.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isfinite(mu).all():
+            raise ValueError("mu contains NaN or inf")                     # checked on cpu only: no host sync on the GPU
+
+    def forward(self, x: Tensor, mu: Tensor | None, pos: Tensor, mask: Tensor | None = None,
+                kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
+        """`x` [B, T, dim], `mu` [B, T, dim] (the previous layer's; None at the first layer), the rest as in `Attention`.
+        Mu enters the cached keys and values, so decoding needs only the new tokens' mu."""
+        self.check_mu(x, mu)
+        return self.attend(*self.project(x, mu), pos, mask, kv, start)
+
+# %% ../nbs/02_mu_attention.ipynb #f054d8ae
+def dead_parameters(module: nn.Module) -> list[str]:
+    "Names of trainable parameters of `module` whose `.grad` is None or all zero (call after `backward`; syncs the host)."
+    return [n for n, p in module.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+
+# %% ../nbs/02_mu_attention.ipynb #3a8e3745
+def attention_variants(dim: int, n_heads: int, n_kv_heads: int) -> dict:
+    "The benchmarked layers, keyed by row name; the first (plain GQA) is the baseline."
+    return {"gqa (no mu)": Attention(dim, n_heads, n_kv_heads),
+            "mu separate": MuGuidedAttention(dim, n_heads, n_kv_heads, impl="separate"),
+            "mu concat per call": MuGuidedAttention(dim, n_heads, n_kv_heads, impl="concat"),
+            "mu fused": MuGuidedAttention(dim, n_heads, n_kv_heads, impl="fused"),
+            "mu v0.13.0 (legacy)": MuGuidedAttention(dim, n_heads, n_kv_heads, legacy=True)}
+
+def attention_flops(layer: Attention, tokens: int, keys: float) -> float:
+    "Forward FLOPs of `layer` (not a first layer) for `tokens` queries that each attend to `keys` keys on average."
+    proj = sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
+    return tokens * (2 * proj + 4 * layer.out.in_features * keys)
+
+def decode_bytes(layer: Attention, batch: int, context: int, element_size: int) -> float:
+    "Fewest bytes a one-token decode step moves: every weight once, and the cached keys and values it reads."
+    weights = sum(p.numel() for p in layer.parameters())
+    return element_size * (weights + 2 * batch * layer.n_kv_heads * layer.head_dim * context)
+
+# %% ../nbs/02_mu_attention.ipynb #94876892
+def _opt_ints(opts: dict, key: str, default) -> list[int]:
+    try: return [int(v) for v in str(opts.get(key, default)).split(",")]
+    except ValueError: raise ValueError(f"--opt {key}: expected comma-separated integers, got {opts[key]!r}") from None
+
+def _graphed(fn, device):
+    "Capture `fn()` (static inputs and outputs) in a CUDA graph; returns its replay. Warm-up runs on a side stream."
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3): fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph): fn()
+    return graph.replay
+
+def _decode_modes(args, cuda: bool) -> list[str]:
+    "How decode steps run: eager always; CUDA-graph replay on cuda (no host overhead); compiled with --compile."
+    from mice.bench import _modes
+    return ["eager"] + (["graph"] if cuda else []) + (["compiled"] if True in _modes(args) else [])
+
+@suite("attention")
+def attention_suite(args):
+    """Plain GQA vs mu-guided attention (separate / per-call concat (v0.13.0) / fused): prefill forward and forward+backward,
+    and one-token decode over a KV cache (eager, CUDA-graph replay on cuda, compiled with --compile), with the same-run
+    matmul and copy as ceilings. Decode steps pass no mask (the one-token fast path); on cuda plain GQA is also timed
+    with the explicit all-True mask of `causal_mask(1, S - 1)`.
+    Options (`--opt`): head_dim (128 cuda / 32 cpu), seq (prefill length T), context (decode cache length),
+    batches (decode batch sizes, comma-separated). `--tokens`: prefill tokens per call (default 8192 and 32768 on cuda).
+    `--sizes`: widths d (default 2048 and 1024 on cuda, 128 on cpu); heads = d / head_dim, KV heads = heads / 2.
+    `--compile`: compiled rows (a fresh `torch._dynamo.reset()` per variant) at the first width, first token count and
+    first decode batch only, to keep compile time to a few minutes."""
+    from mice.bench import _context, _modes, bench_step, compare, copy_result, floor_ms, time_fn, Result
+    device, dtype, env, ref = _context(args)
+    cuda = device.type == "cuda"
+    (hd,), (T,), (S,) = (_opt_ints(args.opts, k, v) for k, v in
+                         (("head_dim", 128 if cuda else 32), ("seq", 2048 if cuda else 64), ("context", 2048 if cuda else 64)))
+    batches = _opt_ints(args.opts, "batches", "1,8,32" if cuda else "1,4")
+    token_counts = [args.tokens] if args.tokens else ([8192, 32768] if cuda else [128, 256])
+    timer = dict(warmup=args.warmup, repeat=args.repeat, device=device)
+    copy = replace(copy_result(device, warmup=args.warmup, repeat=args.repeat), env=env)
+    rows = compare([ref], ref.name) + compare([copy], copy.name)
+    def compiled(m):
+        torch._dynamo.reset()           # every variant and shape gets its own compile, never the recompile limit's eager fallback
+        return torch.compile(m)
+    for di, d in enumerate(args.sizes or ((2048, 1024) if cuda else (128,))):
+        if d % hd or (d // hd) % 2: raise ValueError(f"--sizes {d}: expected a multiple of 2 * head_dim ({2 * hd})")
+        H = d // hd
+        torch.manual_seed(0)
+        layers = {k: m.to(device, dtype) for k, m in attention_variants(d, H, H // 2).items()}
+        for ni, n in enumerate(token_counts):
+            B = max(1, n // T)
+            xs = [tuple(torch.randn(B, T, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2)) for _ in range(2)]
+            pos = torch.arange(T, device=device)
+            group = []
+            for c in [c for c in _modes(args) if not c or di == ni == 0]:
+                for name, m in layers.items():
+                    run = compiled(m) if c else m
+                    fn = (lambda x, mu, run=run: run(x, pos)) if name == "gqa (no mu)" else (lambda x, mu, run=run: run(x, mu, pos))
+                    flops = attention_flops(m, B * T, (T + 1) / 2)
+                    note = f"B={B} T={T} H={H} H_kv={H // 2}; floor fwd {flops / ref.tflops / 1e9:.3f} ms, fwd+bwd {3 * flops / ref.tflops / 1e9:.3f} ms"
+                    group.append(bench_step(f"prefill d={d} N={B * T} {name}{' compiled' if c else ''}", fn, xs, tokens=B * T,
+                                            flops=flops, params=list(m.parameters()), peak_tflops=ref.tflops, env=env, note=note, **timer))
+            rows += compare(group, group[0].name)
+        for bi, B in enumerate(batches):
+            kbuf, vbuf = (torch.randn(B, H // 2, S, hd, device=device, dtype=dtype) for _ in range(2))
+            x, mu = (torch.randn(B, 1, d, device=device, dtype=dtype) for _ in range(2))
+            pos, full_mask = torch.tensor([S - 1], device=device), causal_mask(1, S - 1, device=device)
+            cases = [(name, m, None) for name, m in layers.items()] + ([("gqa (no mu) bool mask", layers["gqa (no mu)"], full_mask)] if cuda else [])
+            group = []
+            for mode in [m for m in _decode_modes(args, cuda) if m != "compiled" or di == bi == 0]:
+                for name, m, mask in cases:
+                    run = compiled(m) if mode == "compiled" else m
+                    call = (x, pos, mask, (kbuf, vbuf), S - 1) if name.startswith("gqa") else (x, mu, pos, mask, (kbuf, vbuf), S - 1)
+                    step, note = (lambda: run(*call)), ""
+                    with torch.no_grad():
+                        if mode == "graph":
+                            try: step = _graphed(step, device)
+                            except RuntimeError as e: note = f"CUDA graph capture failed ({str(e)[:80]}), timed eager; "
+                        t = time_fn(step, **timer)
+                    flops, nbytes = attention_flops(m, B, S), decode_bytes(m, B, S, x.element_size())
+                    note += f"B={B} context={S}; floor {floor_ms(flops, nbytes, ref.tflops, copy.gbs) * 1e3:.1f} us (bytes / copy bandwidth)"
+                    group.append(Result(f"decode d={d} B={B} {name} {mode}", tokens=B, flops=flops, nbytes=nbytes, fwd=t,
+                                        peak_tflops=ref.tflops, env=env, note=note))
+            rows += compare(group, group[0].name)
+    return rows

@@ -4,21 +4,27 @@
 
 # %% ../nbs/08_full_models.ipynb #6da330a7
 from __future__ import annotations
-import math
+import inspect, math
 from dataclasses import dataclass, asdict, fields
+from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .attention import RMSNorm, SwiGLU, Attention, KVCache, causal_mask, swiglu_hidden
+from .attention import RMSNorm, SwiGLU, Attention, MuGuidedAttention, KVCache, causal_mask, swiglu_hidden
+from .dynamics import INLDynamics, ContextualMu, mu_highway
 
 # %% auto #0
-__all__ = ['MODELS', 'PRESETS', 'ModelConfig', 'Block', 'check_tokens', 'Transformer', 'build_model', 'generate']
+__all__ = ['MLPS', 'MODELS', 'MODEL_FLAGS', 'PRESETS', 'ModelConfig', 'Block', 'check_tokens', 'Transformer', 'build_model',
+           'matched_hidden', 'generate']
 
 # %% ../nbs/08_full_models.ipynb #ff3a6a4d
 @dataclass
 class ModelConfig:
-    "Shape of a decoder-only transformer. `hidden=None` means the SwiGLU width with the parameters of a 4x MLP."
+    """Shape of a decoder-only transformer. `hidden=None` means the SwiGLU width with the parameters of a 4x MLP.
+    Mechanisms: `mu_attention` (mu-guided attention, `02_mu_attention`), `inl` (INL dynamics on the attention output,
+    `04_inl_dynamics`; `inl_*` are its options), `mu_highway` (scale of the running mu sum between layers), `legacy`
+    (complexity-deep v0.13.0 behaviour of those mechanisms), `mlp` (a name in `MLPS`)."""
     vocab_size: int = 4096
     dim: int = 256
     n_layers: int = 4
@@ -30,6 +36,15 @@ class ModelConfig:
     qk_norm: bool = True
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
+    mu_attention: bool = False
+    inl: bool = False
+    inl_bounds: str | None = None     # "smooth" (default) or "clamp" (the source; implied by legacy)
+    inl_dt: float = 0.1
+    inl_controller: int = 64
+    mu_highway: float = 0.1
+    mu_norm: str | None = None        # how attention reads mu: "rms" (default), "bound" or "none"
+    legacy: bool = False
+    mlp: str = "swiglu"
 
     def __post_init__(self):
         for f in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
@@ -40,22 +55,59 @@ class ModelConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
         if (self.dim // self.n_heads) % 2: raise ValueError(f"head dim dim/n_heads = {self.dim // self.n_heads} must be even (RoPE)")
         if self.hidden is None: self.hidden = swiglu_hidden(self.dim)
+        if not isinstance(self.hidden, int) or self.hidden < 1: raise ValueError(f"ModelConfig.hidden must be a positive int, got {self.hidden!r}")
+        defaults = {f.name: f.default for f in fields(self)}
+        if not self.inl and (set_ := [f for f in ("inl_bounds", "inl_dt", "inl_controller") if getattr(self, f) != defaults[f]]):
+            raise ValueError(f"ModelConfig: {', '.join(f'{f}={getattr(self, f)!r}' for f in set_)} given but inl=False (INL options need inl=True)")
+        if not (self.mu_attention or self.inl):
+            if self.legacy: raise ValueError("ModelConfig.legacy=True selects the source's mu-attention/INL behaviour; it needs mu_attention or inl")
+            if self.mu_highway != defaults["mu_highway"]: raise ValueError("ModelConfig.mu_highway is set but no layer makes a mu (mu_attention and inl are False)")
+        if self.mu_norm not in (None, "rms", "bound", "none"): raise ValueError(f"ModelConfig.mu_norm must be 'rms', 'bound', 'none' or None, got {self.mu_norm!r}")
+        if self.mu_norm is not None and not self.mu_attention: raise ValueError(f"ModelConfig.mu_norm={self.mu_norm!r} given but mu_attention=False")
+        if self.inl_bounds not in (None, "smooth", "clamp"): raise ValueError(f"ModelConfig.inl_bounds must be 'smooth', 'clamp' or None, got {self.inl_bounds!r}")
+        if self.legacy and self.inl_bounds == "smooth": raise ValueError("ModelConfig: legacy=True uses the source's hard clamps; inl_bounds='smooth' contradicts it")
+        if not self.inl_dt > 0: raise ValueError(f"ModelConfig.inl_dt must be > 0, got {self.inl_dt}")
+        if not isinstance(self.inl_controller, int) or self.inl_controller < 1: raise ValueError(f"ModelConfig.inl_controller must be a positive int, got {self.inl_controller!r}")
+        if not self.mu_highway >= 0: raise ValueError(f"ModelConfig.mu_highway must be >= 0, got {self.mu_highway}")
+        if self.mlp not in MLPS: raise ValueError(f"ModelConfig.mlp: unknown MLP {self.mlp!r}; expected one of: {', '.join(MLPS)}")
 
     @property
     def head_dim(self) -> int: return self.dim // self.n_heads
 
 # %% ../nbs/08_full_models.ipynb #cfd1354a
+MLPS: dict[str, Callable[[ModelConfig], nn.Module]] = {"swiglu": lambda c: SwiGLU(c.dim, c.hidden)}
+
 class Block(nn.Module):
-    "Pre-norm transformer block: attention then SwiGLU, each on a residual branch."
-    def __init__(self, c: ModelConfig):
+    """Pre-norm transformer block: attention (plain or mu-guided), optional INL dynamics on its output, then the MLP
+    (`MLPS[c.mlp]`), each on a residual branch. Returns `(x, v, mu)`: the residual stream, the INL velocity and this
+    layer's contextual mu (None where the block has no INL / makes no mu)."""
+    def __init__(self, c: ModelConfig, layer: int = 0):
         super().__init__()
         self.attn_norm, self.mlp_norm = RMSNorm(c.dim, c.norm_eps), RMSNorm(c.dim, c.norm_eps)
-        self.attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.qk_norm, c.rope_theta, c.norm_eps)
-        self.mlp = SwiGLU(c.dim, c.hidden)
+        self.mu_attention = c.mu_attention
+        if c.mu_attention:
+            self.attn = MuGuidedAttention(c.dim, c.n_heads, c.n_kv_heads, c.qk_norm, c.rope_theta, c.norm_eps,
+                                          first_layer=layer == 0, legacy=c.legacy,
+                                          mu_norm={None: None, "rms": "rms", "bound": "bound", "none": False}[c.mu_norm])
+        else: self.attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.qk_norm, c.rope_theta, c.norm_eps)
+        self.mlp = MLPS[c.mlp](c)
+        params = inspect.signature(self.mlp.forward).parameters
+        self.mlp_takes = tuple(k for k in ("token_ids", "mu") if k in params)
+        self.dynamics = INLDynamics(c.dim, c.inl_controller, c.inl_dt, bounds=c.inl_bounds, legacy=c.legacy) if c.inl else None
+        makes_mu = (c.mu_attention and layer < c.n_layers - 1) or "mu" in self.mlp_takes   # someone reads it
+        self.context = ContextualMu(c.dim, c.legacy) if makes_mu and not c.inl else None
 
-    def forward(self, x: Tensor, pos: Tensor, mask: Tensor | None = None, kv=None, start: int = 0) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), pos, mask, kv, start)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x: Tensor, pos: Tensor, mask: Tensor | None = None, kv=None, start: int = 0,
+                mu: Tensor | None = None, v: Tensor | None = None, token_ids: Tensor | None = None):
+        h = self.attn_norm(x)
+        a = self.attn(h, None if mu is None else mu.to(h.dtype), pos, mask, kv, start) if self.mu_attention else \
+            self.attn(h, pos, mask, kv, start)
+        mu = None
+        if self.dynamics is not None: a, v, mu = self.dynamics(a, v)
+        elif self.context is not None: mu = self.context(a)
+        x = x + a
+        extra = {k: val for k, val in (("token_ids", token_ids), ("mu", mu)) if k in self.mlp_takes}
+        return x + self.mlp(self.mlp_norm(x), **extra), v, mu
 
 # %% ../nbs/08_full_models.ipynb #e3cbe924
 def check_tokens(idx: Tensor, vocab_size: int, max_len: int | None = None, name: str = "idx"):
@@ -73,18 +125,23 @@ def check_tokens(idx: Tensor, vocab_size: int, max_len: int | None = None, name:
 
 # %% ../nbs/08_full_models.ipynb #53179318
 class Transformer(nn.Module):
-    "Decoder-only transformer: token embedding, `n_layers` pre-norm blocks, final RMSNorm, (tied) LM head."
+    """Decoder-only transformer: token embedding, `n_layers` pre-norm blocks, final RMSNorm, (tied) LM head.
+    After a forward pass, `aux_loss` holds the sum of the MLPs' auxiliary losses (0.0 when no MLP has one)."""
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = c = config
         self.embed = nn.Embedding(c.vocab_size, c.dim)
-        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.head = nn.Linear(c.dim, c.vocab_size, bias=False)
         if c.tie_embeddings: self.head.weight = self.embed.weight
         self.apply(self._init)
         for name, p in self.named_parameters():
             if name.endswith(("attn.out.weight", "mlp.down.weight")): nn.init.normal_(p, std=0.02 / math.sqrt(2 * c.n_layers))
+        for m in self.modules():          # module-specific inits run last, so the global init cannot clobber them
+            if m is not self and callable(getattr(m, "init_weights", None)): m.init_weights()
+        self._aux_mlps = [b.mlp for b in self.blocks if hasattr(b.mlp, "aux_loss")]
+        self.aux_loss = 0.0
 
     @staticmethod
     def _init(m: nn.Module):
@@ -103,10 +160,13 @@ class Transformer(nn.Module):
         if valid is not None and valid.shape[0] != B: raise ValueError(f"valid must have shape [{B}, ...], got {tuple(valid.shape)}")
         pos = torch.arange(start, start + T, device=idx.device) if valid is None else \
               (valid.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-        mask = causal_mask(T, start, valid, idx.device)
-        x = self.embed(idx)
+        # one new token without padding sees every cached key: no mask, so SDPA can take its mask-free kernels
+        mask = None if T == 1 and valid is None else causal_mask(T, start, valid, idx.device)
+        x, v, mu, total = self.embed(idx), None, None, None
         for i, block in enumerate(self.blocks):
-            x = block(x, pos, mask, None if cache is None else cache.layer(i), start)
+            x, v, mu = block(x, pos, mask, None if cache is None else cache.layer(i), start, mu, v, idx)
+            if mu is not None and self.config.mu_attention: mu, total = mu_highway(mu, total, self.config.mu_highway)
+        if self._aux_mlps: self.aux_loss = sum(m.aux_loss for m in self._aux_mlps)
         if cache is not None: cache.length = start + T
         return self.head(self.norm(x))
 
@@ -129,7 +189,9 @@ class Transformer(nn.Module):
         return 2 * linear + 4 * c.n_layers * seq_len * c.dim
 
 # %% ../nbs/08_full_models.ipynb #9cb0af21
-MODELS: dict[str, type[nn.Module]] = {"dense": Transformer}
+MODELS: dict[str, type[nn.Module]] = {"dense": Transformer, "mu": Transformer, "inl": Transformer, "mu_inl": Transformer}
+MODEL_FLAGS: dict[str, dict] = {"dense": {}, "mu": dict(mu_attention=True), "inl": dict(inl=True),
+                                "mu_inl": dict(mu_attention=True, inl=True)}
 PRESETS: dict[str, dict] = {
     "tiny":  dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2),
     "small": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4),
@@ -143,7 +205,21 @@ def build_model(name: str = "dense", preset: str | None = "tiny", **overrides) -
         raise ValueError(f"unknown preset {preset!r}; expected one of: {', '.join(PRESETS)}")
     known = {f.name for f in fields(ModelConfig)}
     if bad := set(overrides) - known: raise ValueError(f"unknown ModelConfig field(s) {sorted(bad)}; expected some of {sorted(known)}")
-    return MODELS[name](ModelConfig(**{**(PRESETS[preset] if preset else {}), **overrides}))
+    flags = MODEL_FLAGS.get(name, {})
+    for k in ("mu_attention", "inl"):
+        if k in overrides and overrides[k] != flags.get(k, False):
+            raise ValueError(f"model {name!r} has {k}={flags.get(k, False)}; pick the model kind instead of overriding {k}")
+    return MODELS[name](ModelConfig(**{**(PRESETS[preset] if preset else {}), **flags, **overrides}))
+
+def matched_hidden(name: str, preset: str | None, target: int, multiple_of: int = 8, **overrides) -> int:
+    "MLP width that brings model `name`'s parameter count (without the embedding) closest to `target`."
+    count = lambda h: build_model(name, preset, **{**overrides, "hidden": h}).num_params(embedding=False)
+    with torch.device("meta"):
+        n1, n2 = count(multiple_of), count(2 * multiple_of)
+    per = (n2 - n1) / multiple_of                         # parameters per unit of width (linear in it)
+    h = round((target - n1) / per / multiple_of) * multiple_of + multiple_of
+    if h < multiple_of: raise ValueError(f"model {name!r} has more than {target} parameters even with MLP width {multiple_of}")
+    return h
 
 # %% ../nbs/08_full_models.ipynb #bba1b816
 @torch.no_grad()

@@ -8,7 +8,7 @@ __all__ = ['DATA_DIR', 'SPLITS', 'EOT', 'CKPT_FORMAT', 'corpus_dir', 'strip_mark
            'token_ids', 'token_bytes', 'count_bytes', 'bits_per_byte', 'get_batch', 'iter_eval_batches', 'ngram_floors',
            'shuffled', 'max_affine', 'log_sum_exp', 'squared_norm', 'copy_task', 'TrainConfig', 'lr_at',
            'tokenizer_digest', 'save_checkpoint', 'Checkpoint', 'load_checkpoint', 'load_state', 'evaluate', 'train',
-           'sample_text']
+           'sample_text', 'tokens_to_target', 'summarize_runs', 'compare_runs']
 
 # %% ../nbs/07_training_stages.ipynb #be49ec66
 import hashlib, importlib.metadata, importlib.util, itertools, json, math, os, re
@@ -275,6 +275,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 100
     eval_tokens: int | None = 32_768
+    full_final_eval: bool = True        # the last evaluation reads the whole validation split
     seed: int = 0
     device: str = "auto"
     compile: bool | None = None
@@ -456,7 +457,9 @@ def train(c: TrainConfig, resume: str | Path | None = None, stop_at: int | None 
     start, ckpt_path = 0, Path(c.out_dir) / "checkpoint.safetensors"
     if resume is not None:
         ck = load_checkpoint(resume)
-        if ck.meta.get("model") != c.model or ck.meta.get("model_config", {}) != asdict(model.config):
+        try: saved = asdict(ModelConfig(**ck.meta.get("model_config", {})))   # fields added since get their defaults
+        except (TypeError, ValueError): saved = ck.meta.get("model_config")
+        if ck.meta.get("model") != c.model or saved != asdict(model.config):
             raise ValueError(f"checkpoint {resume} holds model {ck.meta.get('model')!r} with config {ck.meta.get('model_config')}, "
                              f"which does not match {c.model!r} {asdict(model.config)}")
         load_state(model, ck.model); opt.load_state_dict(ck.optimizer); torch.set_rng_state(ck.rng)
@@ -482,7 +485,7 @@ def train(c: TrainConfig, resume: str | Path | None = None, stop_at: int | None 
         for g in opt.param_groups: g["lr"] = lr_at(step, c)
         x, y = get_batch(train_ids, c.batch_size, c.seq_len, step * world + rank, c.seed, device)
         with autocast(): logits = net(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) + getattr(model, "aux_loss", 0.0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
         opt.step(); opt.zero_grad(set_to_none=True)
@@ -492,17 +495,20 @@ def train(c: TrainConfig, resume: str | Path | None = None, stop_at: int | None 
             if not math.isfinite(lv): raise FloatingPointError(f"training loss is {lv} at step {step}; lower lr (now {c.lr})")
             bar.set_postfix(loss=f"{lv:.3f}")
         if (step + 1) % c.eval_every == 0 or stopping:
-            ev = evaluate(model, val_ids, nbytes, c.batch_size, c.seq_len, None if last else c.eval_tokens, autocast)
-            history.append({"step": step + 1, "train_loss": loss.item(), "val_bpb": ev["bpb"],
+            full = last and c.full_final_eval
+            ev = evaluate(model, val_ids, nbytes, c.batch_size, c.seq_len, None if full else c.eval_tokens, autocast)
+            history.append({"step": step + 1, "tokens": (step + 1) * c.batch_size * c.seq_len * world,
+                            "train_loss": loss.item(), "val_bpb": ev["bpb"], "val_tokens": ev["tokens"],
                             "seconds": time.perf_counter() - t0})
             if main:
                 bar.write(f"step {step + 1:5d}  train loss {loss.item():.3f}  val {ev['bpb']:.3f} bits/byte"
-                          + ("  (full validation split)" if last else f"  (first {ev['tokens']:,} tokens)"))
+                          + ("  (full validation split)" if full else f"  (first {ev['tokens']:,} tokens)"))
                 save_checkpoint(ckpt_path, model, opt, step + 1, meta)
     bar.close()
     if own_group: torch.distributed.destroy_process_group()
     result = {"val_bpb": history[-1]["val_bpb"] if history else None, "history": history, "checkpoint": str(ckpt_path),
-              "seconds": time.perf_counter() - t0}
+              "seconds": time.perf_counter() - t0, "params": model.num_params(), "params_no_embedding": model.num_params(False),
+              "model_config": asdict(model.config)}
     if main and c.sample_tokens:
         result["sample"] = sample_text(model, tok, "\n", c.sample_tokens, seed=c.seed)
         log(f"validation: {result['val_bpb']:.3f} bits/byte after {end} steps ({result['seconds']:.0f} s); "
@@ -516,3 +522,91 @@ def sample_text(model: nn.Module, tok, prompt: str, n: int, temperature: float =
     out = generate(model, [ids], n, temperature, top_k, seed)[0]
     model.train(was_training)
     return tok.decode(out)
+
+# %% ../nbs/07_training_stages.ipynb #19e308fe
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+import multiprocessing as mp
+
+def _one_run(c: dict) -> dict:
+    "Train one `TrainConfig` (given as a dict, so it can cross a process boundary); its result without the sample."
+    torch.set_num_threads(max(1, int(os.environ.get("MICE_THREADS_PER_RUN", torch.get_num_threads()))))
+    r = train(TrainConfig(**c), progress=False, log=lambda *a: None)
+    r.pop("sample", None)
+    return {"model": c["model"], "seed": c["seed"], "hidden": r["model_config"]["hidden"], **r}
+
+def tokens_to_target(tokens: list[float], bpb: list[float], target: float) -> float | None:
+    "Training tokens at which the curve `bpb(tokens)` first reaches `target` (linear between points); None if never."
+    for i, (t, b) in enumerate(zip(tokens, bpb)):
+        if b <= target:
+            if i == 0: return float(t)
+            t0, b0 = tokens[i - 1], bpb[i - 1]
+            return float(t0 + (t - t0) * (b0 - target) / (b0 - b))
+    return None
+
+def _mean_std(xs): return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+def summarize_runs(runs: list[dict], models: list[str]) -> dict:
+    "Per kind: final bpb mean/std, paired difference from `models[0]`, tokens to `models[0]`'s mean final bpb and the ratio."
+    by = {m: sorted((r for r in runs if r["model"] == m), key=lambda r: r["seed"]) for m in models}
+    if any(not rs for rs in by.values()): raise ValueError(f"runs lack some of the models {models}")
+    final = {m: [r["val_bpb"] for r in rs] for m, rs in by.items()}
+    target = statistics.fmean(final[models[0]])
+    base_seeds = {r["seed"]: r["val_bpb"] for r in by[models[0]]}
+    out, base_ttt = {}, None
+    for m, rs in by.items():
+        steps = [h["tokens"] for h in rs[0]["history"]]
+        if any([h["tokens"] for h in r["history"]] != steps for r in rs): raise ValueError(f"runs of {m!r} evaluated at different steps")
+        curve = [statistics.fmean(r["history"][i]["val_bpb"] for r in rs) for i in range(len(steps))]
+        ttt = tokens_to_target(steps, curve, target)
+        if m == models[0]: base_ttt = ttt
+        diffs = [r["val_bpb"] - base_seeds[r["seed"]] for r in rs if r["seed"] in base_seeds]
+        mean, std = _mean_std(final[m])
+        out[m] = {"params": rs[0]["params"], "params_no_embedding": rs[0]["params_no_embedding"], "hidden": rs[0]["hidden"],
+                  "seeds": [r["seed"] for r in rs], "val_bpb_mean": mean, "val_bpb_std": std,
+                  "delta_bpb_mean": _mean_std(diffs)[0] if diffs else None, "delta_bpb_std": _mean_std(diffs)[1] if diffs else None,
+                  "curve_tokens": steps, "curve_bpb_mean": curve, "tokens_to_target": ttt,
+                  "seeds_reaching_target": sum(tokens_to_target(steps, [h["val_bpb"] for h in r["history"]], target) is not None for r in rs)}
+    for m in out: out[m]["speedup_to_target"] = base_ttt / out[m]["tokens_to_target"] if base_ttt and out[m]["tokens_to_target"] else None
+    return {"target_bpb": target, "summary": out}
+
+def compare_runs(models: list[str], seeds: list[int], base: TrainConfig | None = None, match_params: bool = True,
+                 jobs: int = 1, out: str | Path | None = None, log=print) -> dict:
+    """Train each model kind with each seed under the same `base` config (token budget, schedule, data) and summarize
+    (`summarize_runs`). `match_params`: set each kind's MLP width so its parameter count (without the embedding) is
+    within 2% of the first kind's. `jobs`: runs in parallel processes. `out`: write the JSON there."""
+    from mice.models import MODELS, matched_hidden
+    base = base or TrainConfig()
+    if not models or len(set(models)) != len(models): raise ValueError(f"models must be distinct names, got {models}")
+    if bad := [m for m in models if m not in MODELS]: raise ValueError(f"unknown model(s) {bad}; expected some of: {', '.join(MODELS)}")
+    if not seeds or len(set(seeds)) != len(seeds): raise ValueError(f"seeds must be distinct, got {seeds}")
+    if not isinstance(jobs, int) or jobs < 1: raise ValueError(f"jobs must be a positive int, got {jobs!r}")
+    if "hidden" in base.model_overrides and match_params: raise ValueError("base.model_overrides sets hidden; use match_params=False to keep it")
+    vocab = load_tokenizer().get_vocab_size()
+    kw = {"vocab_size": vocab, "max_seq_len": max(base.seq_len, 1024), **base.model_overrides}
+    hidden = {}
+    if match_params:
+        target = build_model(models[0], base.preset, **kw).num_params(embedding=False)
+        for m in models:
+            for multiple in (8, 1):                  # a multiple of 8 if that is within 2%, else any width
+                hidden[m] = matched_hidden(m, base.preset, target, multiple, **kw)
+                n = build_model(m, base.preset, **{**kw, "hidden": hidden[m]}).num_params(embedding=False)
+                if abs(n / target - 1) <= 0.02: break
+            else: raise ValueError(f"cannot match {m!r} to {target} parameters within 2% by the MLP width (best: {n})")
+    configs = [asdict(TrainConfig(**{**asdict(base), "model": m, "seed": s, "sample_tokens": 0, "out_dir": f"{base.out_dir}/{m}-seed{s}",
+                                     "model_overrides": {**base.model_overrides, **({"hidden": hidden[m]} if hidden else {})}}))
+               for s in seeds for m in models]
+    tokens = base.steps * base.batch_size * base.seq_len
+    log(f"compare: {len(configs)} runs of {tokens:,} tokens each ({', '.join(models)} x seeds {seeds}), {jobs} at a time")
+    t0 = time.perf_counter()
+    if jobs == 1: runs = [_one_run(c) for c in configs]
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex: runs = list(ex.map(_one_run, configs))
+    for r in runs: log(f"  {r['model']:>8s} seed {r['seed']}: {r['val_bpb']:.4f} bits/byte, {r['params_no_embedding']:,} params "
+                       f"(+{r['params'] - r['params_no_embedding']:,} embedding), {r['seconds']:.0f} s")
+    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if base.device != "cpu" and torch.cuda.is_available() else "cpu",
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_seconds": time.perf_counter() - t0}
+    result = {"models": models, "seeds": seeds, "tokens_per_run": tokens, "match_params": match_params,
+              "train_config": asdict(base), "env": env, **summarize_runs(runs, models), "runs": runs}
+    if out is not None: _atomic_write(Path(out), json.dumps(result, indent=1).encode())
+    return result

@@ -85,6 +85,10 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     (["bench", "nosuch"], "invalid choice: 'nosuch'"),
     (["bench", "matmul", "--tokens", "0"], "positive integer"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["train", "--model", "dense", "--set", "inl=true"], "pick the model kind"),
+    (["train", "--model", "inl", "--set", "inl_bounds=soft"], "inl_bounds must be"),
+    (["compare", "--models", "dense", "nope", "--out", "x.json"], "unknown model(s) ['nope']"),
+    (["compare", "--models", "dense", "--jobs", "0", "--out", "x.json"], "--jobs must be >= 1"),
 ])
 def test_bad_arguments_give_one_clear_line(args, message):
     r = mice(*args)
@@ -126,7 +130,16 @@ def test_ddp_with_two_processes_on_cpu(tmp_path):
 
 
 def test_help_of_every_command():
-    for args in (["-h"], ["train", "-h"], ["generate", "-h"], ["bench", "-h"]):
+    for args in (["-h"], ["train", "-h"], ["generate", "-h"], ["compare", "-h"], ["bench", "-h"]):
         r = mice(*args)
         assert r.returncode == 0 and "usage:" in r.stdout, (args, r.stderr)
     assert "matmul" in mice("bench", "-h").stdout
+
+
+def test_train_and_generate_a_mechanism_kind(tmp_path):
+    "`mice train --model mu_inl` trains, checkpoints, and `mice generate` rebuilds the kind from the checkpoint."
+    r = mice("train", "--model", "mu_inl", "--steps", "2", "--eval-every", "2", "--out-dir", tmp_path, *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert "mu_inl/tiny" in r.stdout
+    r = mice("generate", "--checkpoint", tmp_path / "checkpoint.safetensors", "--prompt", "ROMEO:", "--tokens", "5")
+    assert r.returncode == 0 and r.stdout.startswith("ROMEO:"), r.stderr
