@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['ACTIVATIONS', 'INITS', 'positive', 'positive_inverse', 'relu_moments', 'act_moments', 'HKMoments', 'hk_moments',
-           'hk_init_', 'legacy_init_', 'naive_init_', 'Petals', 'ICNN']
+__all__ = ['ACTIVATIONS', 'INITS', 'EPS64', 'positive', 'positive_inverse', 'relu_moments', 'act_moments', 'HKMoments',
+           'hk_moments', 'hk_init_', 'legacy_init_', 'naive_init_', 'Petals', 'ICNN', 'PICNN', 'ChordReport',
+           'chord_test', 'HessianReport', 'hessian_check', 'MonotonicityReport', 'monotonicity']
 
 # %% ../nbs/00_convex_petals.ipynb #9539b0e4
 def positive(raw: Tensor) -> Tensor:
@@ -226,3 +227,144 @@ class ICNN(Petals):
 
     def extra_repr(self):
         return super().extra_repr().replace("petals=1, ", "")
+
+# %% ../nbs/00_convex_petals.ipynb #febbaf1f
+class PICNN(nn.Module):
+    "Partially input-convex network (Amos et al. 2017): each output coordinate is convex in `y`, arbitrary in the context `u`."
+    def __init__(self, y_dim: int, u_dim: int, hidden: int, out_dim: int, depth: int = 2, u_hidden: int | None = None,
+                 act: str = "softplus", init: str = "hk", rho: float = 0.5, sigma2: float = 1.0, skip_share: float = 0.25):
+        super().__init__()
+        u_hidden = u_hidden or hidden
+        _check_config(y_dim=y_dim, u_dim=u_dim, hidden=hidden, out_dim=out_dim, depth=depth, u_hidden=u_hidden)
+        _activation(act)
+        if init not in INITS: raise ValueError(f"init: expected one of {INITS}, got {init!r}")
+        self.y_dim, self.u_dim, self.hidden, self.out_dim, self.depth, self.act = y_dim, u_dim, hidden, out_dim, depth, act
+        widths, uw = [hidden] * depth + [out_dim], [u_dim] + [u_hidden] * depth
+        self.u_path = nn.ModuleList(nn.Linear(uw[i], uw[i + 1]) for i in range(depth))
+        self.yu = nn.ModuleList(nn.Linear(uw[i], y_dim) for i in range(depth + 1))
+        self.wy = nn.ModuleList(nn.Linear(y_dim, widths[i], bias=False) for i in range(depth + 1))
+        self.wu = nn.ModuleList(nn.Linear(uw[i], widths[i]) for i in range(depth + 1))          # carries b_i
+        self.zu = nn.ModuleList(nn.Linear(uw[i], hidden) for i in range(1, depth + 1))
+        self.wz_raw = nn.ParameterList(nn.Parameter(torch.empty(widths[i], hidden)) for i in range(1, depth + 1))
+        self.init, self.rho, self.sigma2, self.skip_share = init, rho, sigma2, skip_share
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator=None):
+        a, s2 = self.skip_share, self.sigma2
+        normal = lambda w, var: w.normal_(0, math.sqrt(var / w.shape[1]), generator=generator)
+        for lin in self.u_path: normal(lin.weight, 1.0); lin.bias.zero_()
+        for i in range(self.depth + 1):
+            share = (1 - a) if i == 0 else a                      # variance share of the y and u terms
+            normal(self.wy[i].weight, share * s2 / 2); normal(self.wu[i].weight, share * s2 / 2)
+            normal(self.yu[i].weight, 0.01); self.yu[i].bias.fill_(1.0)
+            self.wu[i].bias.zero_()
+        for i, (raw, zu) in enumerate(zip(self.wz_raw, self.zu), start=1):
+            normal(zu.weight, 0.01); zu.bias.fill_(positive_inverse(torch.tensor(1.0)).item())
+            b = self.wu[i].bias
+            if self.init == "hk": hk_init_(raw, b, self.hidden, self.act, self.rho, s2, a, 0.0 if i == 1 else self.rho, generator)
+            else: (legacy_init_ if self.init == "legacy" else naive_init_)(raw, b, self.hidden, generator)
+
+    def forward(self, y: Tensor, u: Tensor) -> Tensor:
+        "`y [..., y_dim]` (convex argument), `u [..., u_dim]` (context, same leading dims) -> `[..., out_dim]`."
+        _check_input(y, "y", self.y_dim); _check_input(u, "u", self.u_dim)
+        if y.shape[:-1] != u.shape[:-1]:
+            raise ValueError(f"y and u: expected the same leading dims, got y {tuple(y.shape)} and u {tuple(u.shape)}")
+        g, z = ACTIVATIONS[self.act], None
+        for i in range(self.depth + 1):
+            s = self.wy[i](y * self.yu[i](u)) + self.wu[i](u)
+            if i > 0: s = s + (z * F.softplus(self.zu[i - 1](u))) @ positive(self.wz_raw[i - 1]).T
+            if i < self.depth: z, u = g(s), F.silu(self.u_path[i](u))
+        return s
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+# %% ../nbs/00_convex_petals.ipynb #d337f4be
+EPS64 = torch.finfo(torch.float64).eps
+
+def _float64_call(f, x: Tensor) -> Tensor:
+    y = f(x)
+    if not isinstance(y, Tensor) or y.dtype != torch.float64:
+        raise TypeError(f"f: must return a float64 tensor for float64 input (call module.double()), got {getattr(y, 'dtype', type(y).__name__)}")
+    if y.shape[0] != x.shape[0]: raise ValueError(f"f: expected an output with {x.shape[0]} rows, got shape {tuple(y.shape)}")
+    return y.reshape(y.shape[0], -1)
+
+@dataclass
+class ChordReport:
+    "Jensen chord test of every output coordinate: how many (chord, coordinate) pairs lie above the chord beyond rounding."
+    chords: int
+    outputs: int
+    violations: int
+    worst_gap: float      # max of f(m) - (t f(x) + (1-t) f(y)) over all chords and coordinates (<= 0 for convex)
+    worst_ulps: float     # the same gap in units of eps64 * (|f(m)| + t|f(x)| + (1-t)|f(y)| + 1)
+    tol_ulps: float
+    @property
+    def checks(self): return self.chords * self.outputs
+    @property
+    def rate(self): return self.violations / self.checks
+    @property
+    def convex(self): return self.violations == 0
+    def __str__(self):
+        return (f"{self.violations}/{self.checks} chord violations ({100 * self.rate:.3g}%), worst gap {self.worst_gap:.3g} "
+                f"= {self.worst_ulps:.3g} ulps (tolerance {self.tol_ulps:.0f} ulps)")
+
+@torch.no_grad()
+def chord_test(f, dim: int, n: int = 10_000, scale: float = 1.0, tol_ulps: float = 1e4, points=None, generator=None) -> ChordReport:
+    "Jensen test of `f` ([n, dim] -> [n, ...], float64) on `n` random chords between N(0, scale^2) points (or `points=(x, y)`)."
+    if points is None:
+        x, y = (scale * torch.randn(n, dim, dtype=torch.float64, generator=generator) for _ in range(2))
+    else:
+        x, y = (p.to(torch.float64) for p in points)
+        if x.shape != y.shape or x.ndim != 2 or x.shape[1] != dim:
+            raise ValueError(f"points: expected two [n, {dim}] tensors, got {tuple(x.shape)} and {tuple(y.shape)}")
+        n = x.shape[0]
+    t = torch.rand(n, 1, dtype=torch.float64, generator=generator)
+    fx, fy, fm = _float64_call(f, x), _float64_call(f, y), _float64_call(f, t * x + (1 - t) * y)
+    gap = fm - (t * fx + (1 - t) * fy)
+    ulps = gap / (EPS64 * (fm.abs() + t * fx.abs() + (1 - t) * fy.abs() + 1))
+    return ChordReport(n, fm.shape[1], int((ulps > tol_ulps).sum()), gap.max().item(), ulps.max().item(), tol_ulps)
+
+@dataclass
+class HessianReport:
+    "Minimum Hessian eigenvalue per point and output coordinate; PSD when none is below -tolerance."
+    min_eig: Tensor      # [points, outputs]
+    tol: float           # tol_ulps * eps64 * (largest |Hessian entry| + 1)
+    @property
+    def worst(self): return self.min_eig.min().item()
+    @property
+    def psd(self): return self.worst >= -self.tol
+    def __str__(self): return f"min Hessian eigenvalue {self.worst:.3g} (tolerance {self.tol:.2g}): {'PSD' if self.psd else 'NOT PSD'}"
+
+def hessian_check(f, x: Tensor, tol_ulps: float = 1e4) -> HessianReport:
+    "Smallest Hessian eigenvalue of each output coordinate of `f` ([n, dim] -> [n, ...], float64) at each row of `x` [m, dim]."
+    x = x.to(torch.float64)
+    if x.ndim != 2: raise ValueError(f"x: expected points [m, dim], got {tuple(x.shape)}")
+    k = _float64_call(f, x[:1]).shape[1]
+    eig, hmax = torch.empty(x.shape[0], k, dtype=torch.float64), 0.0
+    for i, xi in enumerate(x):
+        for j in range(k):
+            H = torch.autograd.functional.hessian(lambda v: _float64_call(f, v[None])[0, j], xi)
+            eig[i, j] = torch.linalg.eigvalsh(H).min()
+            hmax = max(hmax, H.abs().max().item())
+    return HessianReport(eig, tol_ulps * EPS64 * (hmax + 1))
+
+@dataclass
+class MonotonicityReport:
+    "Range of each partial derivative d f_j / d x_i over the points: `min_grad`, `max_grad` are [outputs, inputs]."
+    min_grad: Tensor
+    max_grad: Tensor
+    @property
+    def nondecreasing(self) -> Tensor: return (self.min_grad >= 0).all(0)   # per input: every output nondecreasing in it
+    @property
+    def nonincreasing(self) -> Tensor: return (self.max_grad <= 0).all(0)
+    def __str__(self):
+        return (f"nondecreasing in inputs {self.nondecreasing.nonzero().flatten().tolist()}, "
+                f"nonincreasing in {self.nonincreasing.nonzero().flatten().tolist()} (of {self.min_grad.shape[1]})")
+
+def monotonicity(f, x: Tensor) -> MonotonicityReport:
+    "Signs of the Jacobian of `f` ([n, dim] -> [n, ...], float64, rows independent) at the rows of `x` [m, dim]."
+    x = x.to(torch.float64)
+    if x.ndim != 2: raise ValueError(f"x: expected points [m, dim], got {tuple(x.shape)}")
+    J = torch.autograd.functional.jacobian(lambda v: _float64_call(f, v).sum(0), x)   # [outputs, m, dim]
+    return MonotonicityReport(J.amin(1), J.amax(1))
