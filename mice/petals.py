@@ -15,7 +15,8 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'INITS', 'EPS64', 'positive', 'positive_inverse', 'relu_moments', 'act_moments', 'HKMoments',
            'hk_moments', 'hk_init_', 'legacy_init_', 'naive_init_', 'Petals', 'ICNN', 'PICNN', 'ChordReport',
-           'chord_test', 'HessianReport', 'hessian_check', 'MonotonicityReport', 'monotonicity']
+           'chord_test', 'HessianReport', 'hessian_check', 'MonotonicityReport', 'monotonicity', 'layer_stats',
+           'PetalLoop', 'petals_suite']
 
 # %% ../nbs/00_convex_petals.ipynb #9539b0e4
 def positive(raw: Tensor) -> Tensor:
@@ -368,3 +369,60 @@ def monotonicity(f, x: Tensor) -> MonotonicityReport:
     if x.ndim != 2: raise ValueError(f"x: expected points [m, dim], got {tuple(x.shape)}")
     J = torch.autograd.functional.jacobian(lambda v: _float64_call(f, v).sum(0), x)   # [outputs, m, dim]
     return MonotonicityReport(J.amin(1), J.amax(1))
+
+# %% ../nbs/00_convex_petals.ipynb #71feb826
+@torch.no_grad()
+def layer_stats(pre: Tensor) -> dict:
+    "Mean, pooled variance, H&K correlation (mean covariance / pooled variance) and mean pairwise data correlation of `pre` [N, units]."
+    t = pre.reshape(-1, pre.shape[-1]).double()
+    k, var = t.shape[1], t.var().item()
+    C, R = torch.cov(t.T), torch.corrcoef(t.T)
+    off = lambda M: ((M.sum() - M.diagonal().sum()) / (k * k - k)).item()
+    return dict(mean=t.mean().item(), var=var, corr_hk=off(C) / var, corr_pairs=off(R))
+
+# %% ../nbs/00_convex_petals.ipynb #d0f4ae99
+from .bench import suite, bench_step, compare, _context, _modes
+from .attention import SwiGLU
+
+# %% ../nbs/00_convex_petals.ipynb #b66605c3
+class PetalLoop(nn.Module):
+    "Benchmark baseline only: `petals` separate ICNNs called in a Python loop, outputs stacked to `[..., P, out_dim]`."
+    def __init__(self, in_dim: int, petals: int, hidden: int, out_dim: int, depth: int = 2, act: str = "softplus"):
+        super().__init__()
+        self.nets = nn.ModuleList(ICNN(in_dim, hidden, out_dim, depth, act) for _ in range(petals))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([net(x) for net in self.nets], -2)
+
+def _autocast(m: nn.Module, device, dtype):
+    "`m` called under autocast to `dtype` (parameters and sensitive maps stay float32)."
+    def run(x):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32): return m(x)
+    return run
+
+@suite("petals")
+def petals_suite(args) -> list:
+    """Batched `Petals` vs a per-petal Python loop (the baseline) and a SwiGLU MLP of the same width, fwd and fwd+bwd.
+    Options: `--opt petals=8 --opt depth=2 --opt hidden=<2*d>`; `--sizes` are widths d (= out_dim)."""
+    device, dtype, env, ref = _context(args)
+    P, depth = int(args.opts.get("petals", 8)), int(args.opts.get("depth", 2))
+    tokens = args.tokens or (32768 if device.type == "cuda" else 2048)
+    rows = compare([ref], ref.name)
+    for d in args.sizes or ((512, 1024) if device.type == "cuda" else (64, 128)):
+        h = int(args.opts.get("hidden", 2 * d))
+        torch.manual_seed(0)
+        mods = {f"loop P={P} d={d} h={h}": PetalLoop(d, P, h, d, depth), f"petals P={P} d={d} h={h}": Petals(d, P, h, d, depth),
+                f"swiglu d={d}": SwiGLU(d)}
+        xs = [torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2)]
+        group = []
+        for compiled in _modes(args):
+            for name, m in mods.items():
+                m = m.to(device)
+                fn = _autocast(torch.compile(m) if compiled else m, device, dtype)
+                flops = tokens * m.flops_per_token() if hasattr(m, "flops_per_token") else \
+                        tokens * sum(n.flops_per_token() for n in m.nets)
+                group.append(bench_step(name + (" compiled" if compiled else ""), fn, xs, tokens=tokens, flops=flops,
+                                        params=list(m.parameters()), warmup=args.warmup, repeat=args.repeat, device=device,
+                                        peak_tflops=ref.tflops, env=env))
+        rows += compare(group, baseline=group[0].name)
+    return rows
