@@ -107,9 +107,11 @@ def naive_init_(raw: Tensor, bias: Tensor | None, fan_in: int, generator=None):
 INITS = ("hk", "legacy", "naive")
 
 # %% ../nbs/00_convex_petals.ipynb #3364dba4
-def _check_input(x, name: str, last: int):
+def _check_input(x, name: str, last: int, dtype: torch.dtype | None = None):
     if not isinstance(x, Tensor): raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point(): raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{name}: dtype {x.dtype} differs from the parameters' {dtype} (convert one, or use autocast)")
     if x.ndim == 0 or x.shape[-1] != last:
         raise ValueError(f"{name}: expected shape [..., {last}] (last dim {last}), got {tuple(x.shape)}")
     if x.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isfinite(x).all():
@@ -175,7 +177,7 @@ class Petals(nn.Module):
         return self
 
     def _input(self, x: Tensor, per_petal: bool | None) -> bool:
-        _check_input(x, "x", self.in_dim)
+        _check_input(x, "x", self.in_dim, self.wx.dtype)
         if per_petal is None: per_petal = x.ndim >= 3 and x.shape[-2] == self.petals
         if per_petal and (x.ndim < 2 or x.shape[-2] != self.petals):
             raise ValueError(f"x: a per-petal input must have shape [..., petals={self.petals}, {self.in_dim}], got {tuple(x.shape)}")
@@ -268,7 +270,8 @@ class PICNN(nn.Module):
 
     def forward(self, y: Tensor, u: Tensor) -> Tensor:
         "`y [..., y_dim]` (convex argument), `u [..., u_dim]` (context, same leading dims) -> `[..., out_dim]`."
-        _check_input(y, "y", self.y_dim); _check_input(u, "u", self.u_dim)
+        dt = self.wz_raw[0].dtype
+        _check_input(y, "y", self.y_dim, dt); _check_input(u, "u", self.u_dim, dt)
         if y.shape[:-1] != u.shape[:-1]:
             raise ValueError(f"y and u: expected the same leading dims, got y {tuple(y.shape)} and u {tuple(u.shape)}")
         g, z = ACTIVATIONS[self.act], None
@@ -285,6 +288,8 @@ class PICNN(nn.Module):
 EPS64 = torch.finfo(torch.float64).eps
 
 def _float64_call(f, x: Tensor) -> Tensor:
+    if isinstance(f, nn.Module) and any(p.dtype != torch.float64 for p in f.parameters()):
+        raise TypeError("f: a module's parameters must be float64 for the convexity checks (call f.double())")
     y = f(x)
     if not isinstance(y, Tensor) or y.dtype != torch.float64:
         raise TypeError(f"f: must return a float64 tensor for float64 input (call module.double()), got {getattr(y, 'dtype', type(y).__name__)}")
