@@ -249,5 +249,6 @@ d = { 'settings': { 'branch': 'main',
                                  'mice.vectorhull.max_of_means': ('vectorhull_atlas.html#max_of_means', 'mice/vectorhull.py'),
                                  'mice.vectorhull.pair_map': ('vectorhull_atlas.html#pair_map', 'mice/vectorhull.py'),
                                  'mice.vectorhull.rotate_pairs': ('vectorhull_atlas.html#rotate_pairs', 'mice/vectorhull.py'),
+                                 'mice.vectorhull.scramble_': ('vectorhull_atlas.html#scramble_', 'mice/vectorhull.py'),
                                  'mice.vectorhull.topk_fusion': ('vectorhull_atlas.html#topk_fusion', 'mice/vectorhull.py'),
                                  'mice.vectorhull.vectorhull_suite': ('vectorhull_atlas.html#vectorhull_suite', 'mice/vectorhull.py')}}}

@@ -14,7 +14,7 @@ from torch import Tensor
 __all__ = ['TRANSCENDENTAL', 'INVERT_MODES', 'ROTATIONS', 'BENCH_VARIANTS', 'atlas_angles', 'pair_map', 'rotate_pairs',
            'atlas_matrices', 'LegacyPetals', 'legacy_closed_form', 'legacy_reference', 'count_flops',
            'count_transcendentals', 'group_means', 'max_of_means', 'lse_fusion', 'topk_fusion', 'PetalMixture',
-           'VectorHull', 'LSEMixture', 'TopKMixture', 'MLP', 'vectorhull_suite']
+           'VectorHull', 'LSEMixture', 'TopKMixture', 'MLP', 'scramble_', 'vectorhull_suite']
 
 # %% ../nbs/01_vectorhull_atlas.ipynb #459cf8c1
 def atlas_angles(petals: int, max_angle: float = math.pi / 4) -> Tensor:
@@ -334,6 +334,13 @@ class MLP(nn.Module):
     def forward(self, x): return self.down(F.gelu(self.up(_check_input(x, self.dim))))
     def num_params(self) -> int: return sum(p.numel() for p in self.parameters())
     def flops_per_token(self) -> int: return 2 * self.hidden * (self.dim + self.out_dim)
+
+# %% ../nbs/01_vectorhull_atlas.ipynb #7b5d8378
+@torch.no_grad()
+def scramble_(module: nn.Module, scale: float = 0.5, generator: torch.Generator | None = None) -> nn.Module:
+    "Add N(0, scale^2) noise to every parameter in place (constrained weights stay constrained: they are reparameterised)."
+    for p in module.parameters(): p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return module
 
 # %% ../nbs/01_vectorhull_atlas.ipynb #b0e0e349
 from dataclasses import replace
