@@ -181,8 +181,36 @@ def group_means(v: Tensor, group: int = 2) -> Tensor:
     for i in range(1, group): m = m + v.roll(-i, dims=1)   # `group` is a small constant: this loop unrolls, O(group P O)
     return m / group
 
+class _MaxOfPairs(torch.autograd.Function):
+    """max_g [(v_g + v_{g+1 mod P}) + s2_g] / 2 over dim 1 of v [N, P, O], saving only the winning group [N, O] (int64).
+    The backward scatters half the gradient into the two winning petals: one zero fill of [N, P, O] instead of the mask,
+    count and divide passes of `amax`'s backward (which splits ties evenly; this picks one winner, also a subgradient)."""
+    @staticmethod
+    def forward(ctx, v, s2):
+        pair, wrap = v[:, :-1] + v[:, 1:] + s2[:-1, None], v[:, -1] + v[:, 0] + s2[-1]
+        best, idx = pair.max(1)
+        last = wrap > best
+        ctx.save_for_backward(torch.where(last, v.shape[1] - 1, idx))
+        ctx.shape, ctx.s2_dtype = v.shape, s2.dtype
+        return torch.where(last, wrap, best) * 0.5
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (idx,) = ctx.saved_tensors
+        half = (g * 0.5).unsqueeze(1)
+        gv = half.new_zeros(ctx.shape)
+        gv.scatter_add_(1, idx.unsqueeze(1), half).scatter_add_(1, ((idx + 1) % ctx.shape[1]).unsqueeze(1), half)
+        gs = torch.zeros(ctx.shape[1], dtype=torch.float32, device=g.device)   # summed over N*O: accumulate in fp32
+        gs.scatter_add_(0, idx.flatten(), half.flatten().float())
+        return gv, gs.to(ctx.s2_dtype)
+
 def max_of_means(v: Tensor, shifts: Tensor | None, group: int = 2) -> Tensor:
     "VectorHull fusion: per output coordinate, the max over groups of (mean of the group's petals + the group's shift)."
+    P = v.shape[1]
+    if group == 2 and P > 1:    # pairs: [(v_g + v_g+1) + 2 s_g] / 2 is exactly the mean plus s_g (x2 and /2 are exact)
+        s2 = 2 * shifts.to(v.dtype) if shifts is not None else v.new_zeros(P)
+        return _MaxOfPairs.apply(v, s2)
     m = group_means(v, group)
     if shifts is not None: m = m + shifts.to(m.dtype)[:, None]
     return m.amax(1)
