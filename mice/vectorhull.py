@@ -182,28 +182,28 @@ def group_means(v: Tensor, group: int = 2) -> Tensor:
     return m / group
 
 class _MaxOfPairs(torch.autograd.Function):
-    """max_g [(v_g + v_{g+1 mod P}) + s2_g] / 2 over dim 1 of v [N, P, O], saving only the winning group [N, O] (int64).
-    The backward scatters half the gradient into the two winning petals: one zero fill of [N, P, O] instead of the mask,
-    count and divide passes of `amax`'s backward (which splits ties evenly; this picks one winner, also a subgradient)."""
+    """max_g [(v_g + v_{g+1 mod P}) + s2_g] / 2 over dim 1 of v [N, P, O], saving only the winning group [N, O] (uint8).
+    Backward without atomics: G = half the gradient at the winning group and 0 elsewhere (`where` on an index compare),
+    petal p receives G[:, p] + G[:, p-1], and s2 receives G summed over tokens and coordinates (a plain reduction).
+    One winner per coordinate (amax would split ties evenly; both are subgradients)."""
     @staticmethod
     def forward(ctx, v, s2):
+        P = v.shape[1]
         pair, wrap = v[:, :-1] + v[:, 1:] + s2[:-1, None], v[:, -1] + v[:, 0] + s2[-1]
         best, idx = pair.max(1)
         last = wrap > best
-        ctx.save_for_backward(torch.where(last, v.shape[1] - 1, idx))
-        ctx.shape, ctx.s2_dtype = v.shape, s2.dtype
+        idx = torch.where(last, P - 1, idx).to(torch.uint8 if P <= 256 else torch.int32)   # 1 byte per coordinate
+        ctx.save_for_backward(idx)
+        ctx.P, ctx.s2_dtype = P, s2.dtype
         return torch.where(last, wrap, best) * 0.5
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         (idx,) = ctx.saved_tensors
-        half = (g * 0.5).unsqueeze(1)
-        gv = half.new_zeros(ctx.shape)
-        gv.scatter_add_(1, idx.unsqueeze(1), half).scatter_add_(1, ((idx + 1) % ctx.shape[1]).unsqueeze(1), half)
-        gs = torch.zeros(ctx.shape[1], dtype=torch.float32, device=g.device)   # summed over N*O: accumulate in fp32
-        gs.scatter_add_(0, idx.flatten(), half.flatten().float())
-        return gv, gs.to(ctx.s2_dtype)
+        groups = torch.arange(ctx.P, device=g.device, dtype=idx.dtype)[:, None]
+        G = torch.where(idx.unsqueeze(1) == groups, (g * 0.5).unsqueeze(1), 0)       # [N, P, O]: d y / d score_g
+        return G + G.roll(1, dims=1), G.sum((0, 2), dtype=torch.float32).to(ctx.s2_dtype)
 
 def max_of_means(v: Tensor, shifts: Tensor | None, group: int = 2) -> Tensor:
     "VectorHull fusion: per output coordinate, the max over groups of (mean of the group's petals + the group's shift)."
@@ -409,7 +409,11 @@ def vectorhull_suite(args):
         for compiled in _modes(args):
             for n in names:
                 torch.manual_seed(0)
-                m = BENCH_VARIANTS[n](D, P).to(device, dtype)
+                try:                                  # build (and initialise) on the device: CPU init of 300M params is slow
+                    with torch.device(device): m = BENCH_VARIANTS[n](D, P)
+                except (RuntimeError, NotImplementedError):
+                    m = BENCH_VARIANTS[n](D, P)
+                m = m.to(device, dtype)
                 flops = count_flops(m, xs[0][:8].detach()) * tokens // 8
                 run = torch.compile(m) if compiled else m
                 label = f"{n} D={D} P={P}" + (" compiled" if compiled else "")
