@@ -310,7 +310,7 @@ def attention_suite(args):
                     run = compiled(m) if c else m
                     fn = (lambda x, mu, run=run: run(x, pos)) if name == "gqa (no mu)" else (lambda x, mu, run=run: run(x, mu, pos))
                     flops = attention_flops(m, B * T, (T + 1) / 2)
-                    note = f"B={B} T={T} H={H} H_kv={H // 2}; floor fwd {flops / ref.tflops / 1e9:.3f} ms, fwd+bwd {3 * flops / ref.tflops / 1e9:.3f} ms"
+                    note = f"B={B} T={T} H={H} H_kv={H // 2}; floor fwd {floor_ms(flops, 0, ref.tflops, 1):.3f} ms, fwd+bwd {floor_ms(3 * flops, 0, ref.tflops, 1):.3f} ms"
                     group.append(bench_step(f"prefill d={d} N={B * T} {name}{' compiled' if c else ''}", fn, xs, tokens=B * T,
                                             flops=flops, params=list(m.parameters()), peak_tflops=ref.tflops, env=env, note=note, **timer))
             rows += compare(group, group[0].name)

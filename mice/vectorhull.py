@@ -372,7 +372,7 @@ def scramble_(module: nn.Module, scale: float = 0.5, generator: torch.Generator 
 
 # %% ../nbs/01_vectorhull_atlas.ipynb #b0e0e349
 from dataclasses import replace
-from .bench import suite, bench_step, compare, _context, _modes
+from .bench import suite, bench_step, compare, floor_ms, _context, _modes
 
 BENCH_VARIANTS = {   # name -> constructor(D, P); "mlp" is the baseline of every comparison
     "mlp": lambda D, P: MLP(D),
@@ -425,7 +425,7 @@ def vectorhull_suite(args):
             part = [r for r in group if r.name.endswith(suffix) and (compiled or not r.name.endswith(" compiled"))]
             mlp = part[0]
             legacy = next((r for r in part if r.name.startswith("legacy")), None)
-            notes = lambda r: f"{r.note}; flop x {r.flops / mlp.flops:.2f}; floor {r.step_flops / ref.tflops / 1e9:.3f} ms" + (
+            notes = lambda r: f"{r.note}; flop x {r.flops / mlp.flops:.2f}; floor {floor_ms(r.step_flops, 0, ref.tflops, 1):.3f} ms" + (
                 f"; x legacy {r.ms / legacy.ms:.2f}" if legacy else "")
             rows += compare([replace(r, note=notes(r)) for r in part], mlp.name)
     return rows
