@@ -121,7 +121,7 @@ def _compare(a) -> dict:
         d = "" if m == a.models[0] else f"  delta {s['delta_bpb_mean']:+.4f} +- {s['delta_bpb_std']:.4f}"
         ttt = "not reached" if s["tokens_to_target"] is None else f"{s['tokens_to_target']:,.0f} tokens ({s['speedup_to_target']:.2f}x)"
         print(f"{m:>8s}: {s['val_bpb_mean']:.4f} +- {s['val_bpb_std']:.4f} bits/byte{d}  to target: {ttt}  "
-              f"[{s['params_no_embedding']:,} params, hidden {s['hidden']}]")
+              f"[{s['params_no_embedding']:,} params, {s['active_params_no_embedding']:,} active, hidden {s['hidden']}]")
     print(f"written: {a.out}")
     return r
 

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from .attention import RMSNorm, SwiGLU, Attention, MuGuidedAttention, KVCache, causal_mask, swiglu_hidden
 from .dynamics import INLDynamics, ContextualMu, mu_highway
+from .routing import ROUTES, MU_OVERRIDES, token_routed_mlp, topk_moe
 
 # %% auto #0
-__all__ = ['MLPS', 'MODELS', 'MODEL_FLAGS', 'PRESETS', 'ModelConfig', 'Block', 'check_tokens', 'Transformer', 'build_model',
+__all__ = ['MLPS', 'MODEL_FLAGS', 'MODELS', 'PRESETS', 'ModelConfig', 'Block', 'check_tokens', 'Transformer', 'build_model',
            'matched_hidden', 'generate']
 
 # %% ../nbs/08_full_models.ipynb #ff3a6a4d
@@ -24,7 +25,11 @@ class ModelConfig:
     """Shape of a decoder-only transformer. `hidden=None` means the SwiGLU width with the parameters of a 4x MLP.
     Mechanisms: `mu_attention` (mu-guided attention, `02_mu_attention`), `inl` (INL dynamics on the attention output,
     `04_inl_dynamics`; `inl_*` are its options), `mu_highway` (scale of the running mu sum between layers), `legacy`
-    (complexity-deep v0.13.0 behaviour of those mechanisms), `mlp` (a name in `MLPS`)."""
+    (complexity-deep v0.13.0 behaviour of those mechanisms and of its token-routed MLP), `mlp` (a name in `MLPS`).
+    Expert MLPs (`03_token_routing`): `mlp="routed"` (`TokenRoutedMLP`: `route`, `route_per_layer`, `mu_override`)
+    and `mlp="moe"` (`TopKMoE`: `top_k`, `capacity_factor`, `balance_weight`, `z_weight`) share `n_experts`,
+    `expert_hidden` (None: `hidden` for routed, `hidden // top_k` for moe, i.e. the dense model's active parameters)
+    and `shared_hidden` (an always-on shared expert, 0 = none)."""
     vocab_size: int = 4096
     dim: int = 256
     n_layers: int = 4
@@ -45,6 +50,16 @@ class ModelConfig:
     mu_norm: str | None = None        # how attention reads mu: "rms" (default), "bound" or "none"
     legacy: bool = False
     mlp: str = "swiglu"
+    n_experts: int = 8
+    expert_hidden: int | None = None
+    shared_hidden: int = 0
+    route: str | None = None          # "modulo", "hash" or "balanced" (default; "modulo" under legacy)
+    route_per_layer: bool = False
+    mu_override: str | None = None    # "soft", "straight" or "hard" (the source's); None = the table alone
+    top_k: int = 1
+    capacity_factor: float | None = None   # None = dropless
+    balance_weight: float = 0.01
+    z_weight: float = 1e-3
 
     def __post_init__(self):
         for f in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
@@ -60,7 +75,8 @@ class ModelConfig:
         if not self.inl and (set_ := [f for f in ("inl_bounds", "inl_dt", "inl_controller") if getattr(self, f) != defaults[f]]):
             raise ValueError(f"ModelConfig: {', '.join(f'{f}={getattr(self, f)!r}' for f in set_)} given but inl=False (INL options need inl=True)")
         if not (self.mu_attention or self.inl):
-            if self.legacy: raise ValueError("ModelConfig.legacy=True selects the source's mu-attention/INL behaviour; it needs mu_attention or inl")
+            if self.legacy and self.mlp != "routed":
+                raise ValueError("ModelConfig.legacy=True selects the source's mu-attention/INL/token-routing behaviour; it needs mu_attention, inl or mlp='routed'")
             if self.mu_highway != defaults["mu_highway"]: raise ValueError("ModelConfig.mu_highway is set but no layer makes a mu (mu_attention and inl are False)")
         if self.mu_norm not in (None, "rms", "bound", "none"): raise ValueError(f"ModelConfig.mu_norm must be 'rms', 'bound', 'none' or None, got {self.mu_norm!r}")
         if self.mu_norm is not None and not self.mu_attention: raise ValueError(f"ModelConfig.mu_norm={self.mu_norm!r} given but mu_attention=False")
@@ -70,12 +86,37 @@ class ModelConfig:
         if not isinstance(self.inl_controller, int) or self.inl_controller < 1: raise ValueError(f"ModelConfig.inl_controller must be a positive int, got {self.inl_controller!r}")
         if not self.mu_highway >= 0: raise ValueError(f"ModelConfig.mu_highway must be >= 0, got {self.mu_highway}")
         if self.mlp not in MLPS: raise ValueError(f"ModelConfig.mlp: unknown MLP {self.mlp!r}; expected one of: {', '.join(MLPS)}")
+        self._check_experts(defaults)
+
+    def _check_experts(self, defaults: dict):
+        "The expert-MLP fields: each only with the MLP that reads it, values in range, legacy's constraints."
+        for names, mlps in ((("route", "route_per_layer", "mu_override"), ("routed",)),
+                            (("top_k", "capacity_factor", "balance_weight", "z_weight"), ("moe",)),
+                            (("n_experts", "expert_hidden", "shared_hidden"), ("routed", "moe"))):
+            if self.mlp not in mlps and (set_ := [f for f in names if getattr(self, f) != defaults[f]]):
+                raise ValueError(f"ModelConfig: {', '.join(f'{f}={getattr(self, f)!r}' for f in set_)} given but mlp={self.mlp!r} "
+                                 f"(they need mlp={' or '.join(map(repr, mlps))})")
+        if self.route not in (None, *ROUTES): raise ValueError(f"ModelConfig.route must be one of {ROUTES} or None, got {self.route!r}")
+        if self.mu_override not in (None, *MU_OVERRIDES):
+            raise ValueError(f"ModelConfig.mu_override must be one of {MU_OVERRIDES} or None, got {self.mu_override!r}")
+        if not isinstance(self.n_experts, int) or self.n_experts < 1: raise ValueError(f"ModelConfig.n_experts must be a positive int, got {self.n_experts!r}")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"ModelConfig.top_k must be an int in [1, n_experts={self.n_experts}], got {self.top_k!r}")
+        if self.legacy and self.mlp == "routed":
+            bad = [f"{f}={getattr(self, f)!r}" for f, ok in (("route", self.route in (None, "modulo")), ("shared_hidden", self.shared_hidden == 0),
+                                                             ("mu_override", self.mu_override in (None, "hard"))) if not ok]
+            if bad: raise ValueError(f"ModelConfig: legacy=True is v0.13.0's routed MLP (route='modulo', no shared expert, "
+                                     f"mu_override 'hard' or None); {', '.join(bad)} contradicts it")
 
     @property
     def head_dim(self) -> int: return self.dim // self.n_heads
 
 # %% ../nbs/08_full_models.ipynb #cfd1354a
-MLPS: dict[str, Callable[[ModelConfig], nn.Module]] = {"swiglu": lambda c: SwiGLU(c.dim, c.hidden)}
+MLPS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {     # factory(config, layer index) -> MLP module
+    "swiglu": lambda c, layer=0: SwiGLU(c.dim, c.hidden),
+    "routed": token_routed_mlp,
+    "moe": topk_moe,
+}
 
 class Block(nn.Module):
     """Pre-norm transformer block: attention (plain or mu-guided), optional INL dynamics on its output, then the MLP
@@ -90,15 +131,15 @@ class Block(nn.Module):
                                           first_layer=layer == 0, legacy=c.legacy,
                                           mu_norm={None: None, "rms": "rms", "bound": "bound", "none": False}[c.mu_norm])
         else: self.attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.qk_norm, c.rope_theta, c.norm_eps)
-        self.mlp = MLPS[c.mlp](c)
-        params = inspect.signature(self.mlp.forward).parameters
-        self.mlp_takes = tuple(k for k in ("token_ids", "mu") if k in params)
+        self.mlp = MLPS[c.mlp](c, layer)
+        params = inspect.signature(self.mlp.forward).parameters        # an MLP's `inputs` says what it reads, if it has one
+        self.mlp_takes = tuple(getattr(self.mlp, "inputs", [k for k in ("token_ids", "mu") if k in params]))
         self.dynamics = INLDynamics(c.dim, c.inl_controller, c.inl_dt, bounds=c.inl_bounds, legacy=c.legacy) if c.inl else None
         makes_mu = (c.mu_attention and layer < c.n_layers - 1) or "mu" in self.mlp_takes   # someone reads it
         self.context = ContextualMu(c.dim, c.legacy) if makes_mu and not c.inl else None
 
     def forward(self, x: Tensor, pos: Tensor, mask: Tensor | None = None, kv=None, start: int = 0,
-                mu: Tensor | None = None, v: Tensor | None = None, token_ids: Tensor | None = None):
+                mu: Tensor | None = None, v: Tensor | None = None, token_ids: Tensor | None = None, plan: tuple | None = None):
         h = self.attn_norm(x)
         a = self.attn(h, None if mu is None else mu.to(h.dtype), pos, mask, kv, start) if self.mu_attention else \
             self.attn(h, pos, mask, kv, start)
@@ -107,6 +148,7 @@ class Block(nn.Module):
         elif self.context is not None: mu = self.context(a)
         x = x + a
         extra = {k: val for k, val in (("token_ids", token_ids), ("mu", mu)) if k in self.mlp_takes}
+        if plan is not None: extra["plan"] = plan      # the dispatch plan shared by the layers of one routing table
         return x + self.mlp(self.mlp_norm(x), **extra), v, mu
 
 # %% ../nbs/08_full_models.ipynb #e3cbe924
@@ -137,10 +179,13 @@ class Transformer(nn.Module):
         if c.tie_embeddings: self.head.weight = self.embed.weight
         self.apply(self._init)
         for name, p in self.named_parameters():
-            if name.endswith(("attn.out.weight", "mlp.down.weight")): nn.init.normal_(p, std=0.02 / math.sqrt(2 * c.n_layers))
+            if name.endswith("attn.out.weight") or (".mlp." in name and name.endswith("down.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * c.n_layers))
         for m in self.modules():          # module-specific inits run last, so the global init cannot clobber them
             if m is not self and callable(getattr(m, "init_weights", None)): m.init_weights()
         self._aux_mlps = [b.mlp for b in self.blocks if hasattr(b.mlp, "aux_loss")]
+        # every layer routes by the same table and nothing else: sort the tokens by expert once per forward, not per layer
+        self.share_plan = c.mlp == "routed" and not c.route_per_layer and c.mu_override is None
         self.aux_loss = 0.0
 
     @staticmethod
@@ -163,8 +208,9 @@ class Transformer(nn.Module):
         # one new token without padding sees every cached key: no mask, so SDPA can take its mask-free kernels
         mask = None if T == 1 and valid is None else causal_mask(T, start, valid, idx.device)
         x, v, mu, total = self.embed(idx), None, None, None
+        plan = self.blocks[0].mlp.plan(idx) if self.share_plan else None
         for i, block in enumerate(self.blocks):
-            x, v, mu = block(x, pos, mask, None if cache is None else cache.layer(i), start, mu, v, idx)
+            x, v, mu = block(x, pos, mask, None if cache is None else cache.layer(i), start, mu, v, idx, plan)
             if mu is not None and self.config.mu_attention: mu, total = mu_highway(mu, total, self.config.mu_highway)
         if self._aux_mlps: self.aux_loss = sum(m.aux_loss for m in self._aux_mlps)
         if cache is not None: cache.length = start + T
@@ -176,22 +222,30 @@ class Transformer(nn.Module):
         return KVCache(c.n_layers, batch, c.n_kv_heads, c.head_dim, max_len or c.max_seq_len,
                        device or p.device, dtype or p.dtype)
 
-    def num_params(self, embedding: bool = True) -> int:
-        "Parameter count (tied weights once); `embedding=False` leaves out the token embedding."
+    def num_params(self, embedding: bool = True, active: bool = False) -> int:
+        """Parameter count (tied weights once); `embedding=False` leaves out the token embedding. `active=True` counts
+        only the parameters one token uses: each MLP counts as its `flops_per_token() / 2` (one multiply-add per weight)."""
         n = sum(p.numel() for p in self.parameters())
+        if active: n += sum(b.mlp.flops_per_token() // 2 - sum(p.numel() for p in b.mlp.parameters()) for b in self.blocks)
         return n if embedding else n - self.embed.weight.numel()
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Forward FLOPs per token: 2 per weight in every matmul (LM head included) plus attention's
-        $QK^\\top$ and $AV$, $4 \\cdot L \\cdot T \\cdot d$ (the PaLM convention: non-causal count). Training = 3x."""
+        """Forward FLOPs per token: 2 per weight in every matmul (LM head included; each MLP's own count, so experts
+        count once per token they serve) plus attention's $QK^\\top$ and $AV$, $4 \\cdot L \\cdot T \\cdot d$ (the PaLM
+        convention: non-causal count). Training = 3x."""
         c = self.config
-        linear = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return 2 * linear + 4 * c.n_layers * seq_len * c.dim
+        in_mlp = {id(m) for b in self.blocks for m in b.mlp.modules()}
+        linear = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear) and id(m) not in in_mlp)
+        return 2 * linear + sum(b.mlp.flops_per_token() for b in self.blocks) + 4 * c.n_layers * seq_len * c.dim
 
 # %% ../nbs/08_full_models.ipynb #9cb0af21
-MODELS: dict[str, type[nn.Module]] = {"dense": Transformer, "mu": Transformer, "inl": Transformer, "mu_inl": Transformer}
-MODEL_FLAGS: dict[str, dict] = {"dense": {}, "mu": dict(mu_attention=True), "inl": dict(inl=True),
-                                "mu_inl": dict(mu_attention=True, inl=True)}
+MODEL_FLAGS: dict[str, dict] = {
+    "dense": {}, "mu": dict(mu_attention=True), "inl": dict(inl=True), "mu_inl": dict(mu_attention=True, inl=True),
+    "routed": dict(mlp="routed"), "routed_modulo": dict(mlp="routed", route="modulo"),
+    "routed_mu_soft": dict(mlp="routed", mu_override="soft"), "routed_mu_straight": dict(mlp="routed", mu_override="straight"),
+    "top1": dict(mlp="moe", top_k=1), "top2": dict(mlp="moe", top_k=2),
+}
+MODELS: dict[str, type[nn.Module]] = {name: Transformer for name in MODEL_FLAGS}
 PRESETS: dict[str, dict] = {
     "tiny":  dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2),
     "small": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4),
@@ -206,9 +260,9 @@ def build_model(name: str = "dense", preset: str | None = "tiny", **overrides) -
     known = {f.name for f in fields(ModelConfig)}
     if bad := set(overrides) - known: raise ValueError(f"unknown ModelConfig field(s) {sorted(bad)}; expected some of {sorted(known)}")
     flags = MODEL_FLAGS.get(name, {})
-    for k in ("mu_attention", "inl"):
+    for k in {"mu_attention", "inl", *flags}:
         if k in overrides and overrides[k] != flags.get(k, False):
-            raise ValueError(f"model {name!r} has {k}={flags.get(k, False)}; pick the model kind instead of overriding {k}")
+            raise ValueError(f"model {name!r} has {k}={flags.get(k, False)!r}; pick the model kind instead of overriding {k}")
     return MODELS[name](ModelConfig(**{**(PRESETS[preset] if preset else {}), **flags, **overrides}))
 
 def matched_hidden(name: str, preset: str | None, target: int, multiple_of: int = 8, **overrides) -> int:

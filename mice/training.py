@@ -508,6 +508,7 @@ def train(c: TrainConfig, resume: str | Path | None = None, stop_at: int | None 
     if own_group: torch.distributed.destroy_process_group()
     result = {"val_bpb": history[-1]["val_bpb"] if history else None, "history": history, "checkpoint": str(ckpt_path),
               "seconds": time.perf_counter() - t0, "params": model.num_params(), "params_no_embedding": model.num_params(False),
+              "active_params_no_embedding": model.num_params(False, active=True),
               "model_config": asdict(model.config)}
     if main and c.sample_tokens:
         result["sample"] = sample_text(model, tok, "\n", c.sample_tokens, seed=c.seed)
@@ -563,6 +564,7 @@ def summarize_runs(runs: list[dict], models: list[str]) -> dict:
         diffs = [r["val_bpb"] - base_seeds[r["seed"]] for r in rs if r["seed"] in base_seeds]
         mean, std = _mean_std(final[m])
         out[m] = {"params": rs[0]["params"], "params_no_embedding": rs[0]["params_no_embedding"], "hidden": rs[0]["hidden"],
+                  "active_params_no_embedding": rs[0].get("active_params_no_embedding", rs[0]["params_no_embedding"]),
                   "seeds": [r["seed"] for r in rs], "val_bpb_mean": mean, "val_bpb_std": std,
                   "delta_bpb_mean": _mean_std(diffs)[0] if diffs else None, "delta_bpb_std": _mean_std(diffs)[1] if diffs else None,
                   "curve_tokens": steps, "curve_bpb_mean": curve, "tokens_to_target": ttt,
@@ -603,7 +605,7 @@ def compare_runs(models: list[str], seeds: list[int], base: TrainConfig | None =
     else:
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex: runs = list(ex.map(_one_run, configs))
     for r in runs: log(f"  {r['model']:>8s} seed {r['seed']}: {r['val_bpb']:.4f} bits/byte, {r['params_no_embedding']:,} params "
-                       f"(+{r['params'] - r['params_no_embedding']:,} embedding), {r['seconds']:.0f} s")
+                       f"({r['active_params_no_embedding']:,} active, +{r['params'] - r['params_no_embedding']:,} embedding), {r['seconds']:.0f} s")
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if base.device != "cpu" and torch.cuda.is_available() else "cpu",
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_seconds": time.perf_counter() - t0}
     result = {"models": models, "seeds": seeds, "tokens_per_run": tokens, "match_params": match_params,

@@ -91,13 +91,19 @@ def test_cache_equals_recompute(kind, extra):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(inl_bounds="clamp"), "inl=False"),
     (dict(inl_dt=0.2), "inl=False"),
-    (dict(legacy=True), "needs mu_attention or inl"),
+    (dict(legacy=True), "needs mu_attention, inl or mlp='routed'"),
     (dict(mu_highway=0.5), "no layer makes a mu"),
     (dict(inl=True, inl_bounds="soft"), "inl_bounds must be"),
     (dict(inl=True, legacy=True, inl_bounds="smooth"), "contradicts"),
     (dict(inl=True, inl_dt=0.0), "inl_dt must be > 0"),
     (dict(mu_attention=True, mu_highway=-1.0), "mu_highway must be >= 0"),
-    (dict(mlp="moe"), "unknown MLP 'moe'"),
+    (dict(mlp="expert_choice"), "unknown MLP 'expert_choice'"),
+    (dict(route="hash"), "need mlp='routed'"),
+    (dict(mlp="routed", top_k=2), "need mlp='moe'"),
+    (dict(mlp="moe", top_k=9), "top_k must be an int in"),
+    (dict(mlp="routed", route="zipf"), "route must be one of"),
+    (dict(mlp="routed", mu_override="argmax"), "mu_override must be one of"),
+    (dict(mlp="routed", legacy=True, mu_override="soft"), "contradicts"),
     (dict(mu_norm="bound"), "mu_attention=False"),
     (dict(mu_attention=True, mu_norm="layer"), "mu_norm must be"),
 ])
@@ -142,7 +148,7 @@ def test_mu_highway_is_the_running_sum():
 
 class ToyRouted(nn.Module):
     "An MLP that reads token ids and mu and reports an auxiliary loss (the shape of a token-routed MLP)."
-    def __init__(self, c):
+    def __init__(self, c, layer=0):
         super().__init__()
         self.ffn, self.aux_loss, self.seen = SwiGLU(c.dim, c.hidden), 0.0, []
 

@@ -253,12 +253,68 @@ def test_bad_config(make, msg):
 
 
 def test_factories_from_model_config():
-    from types import SimpleNamespace
+    from mice.models import ModelConfig
     from mice.routing import token_routed_mlp, topk_moe
-    c = SimpleNamespace(dim=32, hidden=96, vocab_size=64, n_layers=3, n_experts=4, route="hash", route_per_layer=True,
-                        expert_hidden=None, shared_hidden=16, capacity_factor=1.25, balance_weight=0.1, z_weight=None)
+    shape = dict(dim=32, hidden=96, vocab_size=64, n_layers=3, n_heads=2, n_kv_heads=1, n_experts=4, shared_hidden=16)
+    c = ModelConfig(**shape, mlp="routed", route="hash", route_per_layer=True)
     a, b = token_routed_mlp(c, layer=0), token_routed_mlp(c, layer=1)
     assert a.n_experts == 4 and a.experts.hidden == 96 and a.shared.hidden == 16 and not torch.equal(a.table, b.table)
-    assert math.isclose(a.experts.out_std, 0.02 / math.sqrt(6))
-    m = topk_moe(c, k=2)
+    assert math.isclose(a.experts.out_std, 0.02 / math.sqrt(6)) and a.mu_override is None and not a.legacy
+    m = topk_moe(ModelConfig(**shape, mlp="moe", top_k=2, capacity_factor=1.25, balance_weight=0.1))
     assert m.k == 2 and m.experts.hidden == 48 and m.capacity_factor == 1.25 and m.balance_weight == 0.1 and m.z_weight == 1e-3
+    legacy = token_routed_mlp(ModelConfig(**{**shape, "shared_hidden": 0}, mlp="routed", legacy=True, mu_override="hard"))
+    assert legacy.route == "modulo" and legacy.legacy and legacy.mu_override == "hard"
+
+
+# ---------------------------------------------------------------- the mu override
+def _override_layer(mode, std=2.0, seed=0):
+    torch.manual_seed(seed)
+    m = TokenRoutedMLP(12, 20, 4, vocab_size=40, route="hash", mu_override=mode, mu_dim=5).double()
+    torch.nn.init.normal_(m.mu_router.weight, std=std)
+    x, ids, mu = torch.randn(3, 11, 12).double(), torch.randint(0, 40, (3, 11)), torch.randn(3, 11, 5).double()
+    return m, x, ids, mu
+
+
+@pytest.mark.parametrize("mode", ["soft", "straight"])
+def test_learnable_override_router_gets_gradient(mode):
+    m, x, ids, mu = _override_layer(mode)
+    m(x, ids, mu).square().sum().backward()
+    assert 0 < m.overridden < 1
+    assert m.mu_router.weight.grad is not None and (m.mu_router.weight.grad != 0).all()
+    assert m.table_logit.grad is not None and m.table_logit.grad != 0
+
+
+def test_hard_override_router_gets_no_gradient():
+    m, x, ids, mu = _override_layer("hard", std=8.0)
+    mu = mu.requires_grad_()
+    m(x, ids, mu).square().sum().backward()
+    assert 0 < m.overridden < 1 and m.mu_router.weight.grad is None and mu.grad is None
+
+
+@given(seed=st.integers(0, 10_000), std=st.floats(0.0, 5.0))
+@FEW
+def test_straight_through_forward_is_the_hard_choice(seed, std):
+    "straight: weight 1 forward, so the output is the unweighted expert that argmax z picks; soft scales it by p_e <= 1."
+    m, x, ids, mu = _override_layer("straight", std, seed)
+    expert, weight = m.assign(ids.flatten(), mu.view(-1, 5))
+    assert torch.equal(weight, torch.ones_like(weight))
+    plain, _ = moe_apply(x.view(-1, 12), expert, None, m.experts)
+    assert torch.equal(m(x, ids, mu).view(-1, 12), plain)
+    s = TokenRoutedMLP(12, 20, 4, vocab_size=40, route="hash", mu_override="soft", mu_dim=5).double()
+    s.load_state_dict(m.state_dict())
+    e2, p = s.assign(ids.flatten(), mu.view(-1, 5))
+    assert torch.equal(e2, expert) and (p > 0).all() and (p <= 1).all()
+    assert torch.allclose(s(x, ids, mu).view(-1, 12), plain * p, atol=1e-12)
+
+
+def test_override_in_a_model_trains_its_router():
+    from mice.models import build_model
+    model = build_model("routed_mu_straight", None, vocab_size=61, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, n_experts=4, route="hash")
+    before = [b.mlp.mu_router.weight.detach().clone() for b in model.blocks]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    idx = torch.randint(0, 61, (4, 17))
+    for _ in range(2):          # step 1 moves ContextualMu off zero (mu is exactly 0 at init); step 2 reaches the router
+        loss = torch.nn.functional.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        opt.zero_grad(); loss.backward(); opt.step()
+    assert all((b.mlp.mu_router.weight != w).any() for b, w in zip(model.blocks, before))
+    assert all(b.mlp.overridden is not None for b in model.blocks)
