@@ -7,7 +7,7 @@ __all__ = ['ROUTES', 'EXPERT_IMPLS', 'PERMUTES', 'MU_OVERRIDES', 'modulo_table',
            'routing_table', 'expert_load', 'imbalance', 'sort_by_expert', 'GatherRows', 'grouped_mm_ok', 'auto_impl',
            'grouped_linear', 'GroupedExperts', 'moe_apply', 'reference_moe', 'reference_errors', 'check_routed_input',
            'TokenRoutedMLP', 'TopKMoE', 'learned_router_load', 'token_routed_mlp', 'topk_moe', 'routing_stats',
-           'LoopMoE', 'balanced_ids', 'routing_suite']
+           'trained_routing_stats', 'LoopMoE', 'balanced_ids', 'routing_suite']
 
 # %% ../nbs/03_token_routing.ipynb #f16f0506
 import functools, heapq, math
@@ -488,6 +488,23 @@ def routing_stats(model: nn.Module, idx: Tensor) -> list[dict]:
     return [{"layer": i, "imbalance": imbalance(b.mlp.load.float().cpu().numpy()),
              "overridden": None if getattr(b.mlp, "overridden", None) is None else float(b.mlp.overridden)}
             for i, b in enumerate(model.blocks) if getattr(b.mlp, "load", None) is not None]
+
+def trained_routing_stats(kind: str, seed: int = 0, val_tokens: int = 8192, seq_len: int = 128, **train) -> list[dict]:
+    """Train model `kind` as the language-model comparison below does (`tiny`, 350 steps of 32 x `seq_len`; `train`
+    overrides `TrainConfig` fields), then return `routing_stats` on the first `val_tokens` validation tokens."""
+    import tempfile
+    from mice.training import TrainConfig, train as train_run, load_checkpoint, load_state, token_ids
+    from mice.models import MODELS, ModelConfig
+    with tempfile.TemporaryDirectory() as d:
+        c = TrainConfig(**{**dict(model=kind, preset="tiny", steps=350, batch_size=32, seq_len=seq_len, eval_every=25,
+                                  eval_tokens=None, sample_tokens=0, seed=seed, out_dir=d), **train})
+        train_run(c, progress=False, log=lambda *a: None)
+        ck = load_checkpoint(f"{d}/checkpoint.safetensors")
+    model = MODELS[kind](ModelConfig(**ck.meta["model_config"]))
+    load_state(model, ck.model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    val = torch.as_tensor(np.asarray(token_ids("val")[: val_tokens // seq_len * seq_len], dtype=np.int64))
+    return routing_stats(model.to(device).eval(), val.view(-1, seq_len).to(device))
 
 # %% ../nbs/03_token_routing.ipynb #0d396f20
 class LoopMoE(nn.Module):

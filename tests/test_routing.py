@@ -318,3 +318,11 @@ def test_override_in_a_model_trains_its_router():
         opt.zero_grad(); loss.backward(); opt.step()
     assert all((b.mlp.mu_router.weight != w).any() for b, w in zip(model.blocks, before))
     assert all(b.mlp.overridden is not None for b in model.blocks)
+
+
+def test_trained_routing_stats_reports_every_layer():
+    from mice.routing import trained_routing_stats
+    stats = trained_routing_stats("routed_mu_straight", steps=2, batch_size=2, seq_len=32, eval_every=2, eval_tokens=256,
+                                  full_final_eval=False, val_tokens=256)
+    assert [s["layer"] for s in stats] == [0, 1, 2, 3]
+    assert all(s["imbalance"] >= 1 and 0 <= s["overridden"] <= 1 for s in stats)
