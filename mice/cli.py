@@ -9,11 +9,15 @@ from dataclasses import fields
 from pathlib import Path
 import torch
 from .models import MODELS, PRESETS, ModelConfig
-from .training import TrainConfig, train, compare_runs, load_checkpoint, load_state, load_tokenizer, sample_text, tokenizer_digest
+from .training import TrainConfig, train, compare_runs, load_checkpoint, load_state, sample_text
+from .data import load_tokenizer, tokenizer_digest
+from . import bench, blocks, petals, vectorhull, attention, routing
+SUITES = {"matmul": bench.matmul_suite, "swiglu": blocks.swiglu_suite, "petals": petals.petals_suite,
+          "vectorhull": vectorhull.vectorhull_suite, "attention": attention.attention_suite, "routing": routing.routing_suite}
 from .models import build_model
 
 # %% auto #0
-__all__ = ['parser', 'main']
+__all__ = ['SUITES', 'parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #c82d13fc
 def _parse_set(items: list[str]) -> dict:
@@ -129,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     "Entry point of the `mice` command."
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:                      # mice.bench parses its own arguments (and its own -h)
-        from mice.bench import main as bench_main
-        return bench_main(argv[1:]) or 0
+        return bench.main(argv[1:], SUITES) or 0
     a = parser().parse_args(argv)
     try:
         if a.command == "train": _train(a)

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .attention import RMSNorm, SwiGLU, Attention, MuGuidedAttention, KVCache, causal_mask, swiglu_hidden
+from .blocks import RMSNorm, SwiGLU, Attention, KVCache, causal_mask, swiglu_hidden
+from .attention import MuGuidedAttention
 from .dynamics import INLDynamics, ContextualMu, mu_highway
 from .routing import ROUTES, MU_OVERRIDES, token_routed_mlp, topk_moe
 

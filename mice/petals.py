@@ -386,8 +386,8 @@ def layer_stats(pre: Tensor) -> dict:
     return dict(mean=t.mean().item(), var=var, corr_hk=off(C) / var, corr_pairs=off(R))
 
 # %% ../nbs/00_convex_petals.ipynb #d0f4ae99
-from .bench import suite, bench_step, compare, _context, _modes
-from .attention import SwiGLU
+from .bench import bench_step, compare, context as _context, compile_modes as _modes
+from .blocks import SwiGLU
 
 # %% ../nbs/00_convex_petals.ipynb #b66605c3
 class PetalLoop(nn.Module):
@@ -405,7 +405,6 @@ def _autocast(m: nn.Module, device, dtype):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32): return m(x)
     return run
 
-@suite("petals")
 def petals_suite(args) -> list:
     """Batched `Petals` vs a per-petal Python loop (the baseline) and a SwiGLU MLP of the same width, fwd and fwd+bwd.
     Options: `--opt petals=8 --opt depth=2 --opt hidden=<2*d>`; `--sizes` are widths d (= out_dim)."""

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .attention import SwiGLU, swiglu_hidden
+from .blocks import SwiGLU, swiglu_hidden
 
 # %% ../nbs/03_token_routing.ipynb #1abf872a
 ROUTES = ("modulo", "hash", "balanced")
@@ -57,7 +57,7 @@ def balanced_table(counts, n_experts: int, seed: int | None = None) -> Tensor:
 # %% ../nbs/03_token_routing.ipynb #dae2f9c5
 @functools.lru_cache(maxsize=4)
 def _split_counts(split: str, vocab_size: int) -> np.ndarray:
-    from mice.training import token_ids
+    from mice.data import token_ids
     ids = np.asarray(token_ids(split))
     if len(ids) and int(ids.max()) >= vocab_size:
         raise ValueError(f"vocab_size: the {split} split has token id {int(ids.max())} >= vocab_size {vocab_size}")
@@ -445,8 +445,8 @@ def learned_router_load(n_experts: int, steps: int = 300, dim: int = 64, k: int 
                         vocab_size: int = 4096, lr: float = 3e-3) -> tuple[np.ndarray, np.ndarray, list]:
     """Train embedding -> RMSNorm -> TopKMoE -> head on next-token prediction over the train split, then return the
     per-expert load of the train and val tokens under its router, and the balance loss per step."""
-    from mice.attention import RMSNorm
-    from mice.training import token_ids
+    from mice.blocks import RMSNorm
+    from mice.data import token_ids
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     emb, norm = nn.Embedding(vocab_size, dim), RMSNorm(dim)
@@ -493,7 +493,8 @@ def trained_routing_stats(kind: str, seed: int = 0, val_tokens: int = 8192, seq_
     """Train model `kind` as the language-model comparison below does (`tiny`, 350 steps of 32 x `seq_len`; `train`
     overrides `TrainConfig` fields), then return `routing_stats` on the first `val_tokens` validation tokens."""
     import tempfile
-    from mice.training import TrainConfig, train as train_run, load_checkpoint, load_state, token_ids
+    from mice.training import TrainConfig, train as train_run, load_checkpoint, load_state
+    from mice.data import token_ids
     from mice.models import MODELS, ModelConfig
     with tempfile.TemporaryDirectory() as d:
         c = TrainConfig(**{**dict(model=kind, preset="tiny", steps=350, batch_size=32, seq_len=seq_len, eval_every=25,
@@ -532,7 +533,7 @@ def balanced_ids(n_tokens: int, n_experts: int, vocab_size: int = 4096, seed: in
 
 def _routing_rows(args, ref, env, device, dtype, gbs):
     "The row groups of the routing suite (see `routing_suite`)."
-    from mice.bench import bench_step, compare, floor_ms, _modes
+    from mice.bench import bench_step, compare, floor_ms, compile_modes as _modes
     cuda, o = device.type == "cuda", args.opts
     parts = o.get("parts", "dense,variants,loop").split(",")
     ints = lambda key, default: [int(v) for v in o[key].split(",")] if key in o else default
@@ -610,14 +611,11 @@ def _routing_rows(args, ref, env, device, dtype, gbs):
     return [r for g in groups for r in g]
 
 # %% ../nbs/03_token_routing.ipynb #bcde3be6
-from .bench import suite
-
-@suite("routing")
 def routing_suite(args):
     """Token-routed MLP vs a dense SwiGLU of the expert's width (fwd+bwd, balanced routing) over widths, E and tokens;
     where the time goes at one size (dispatch/permutation variants, experts alone, permutation alone, top-k MoE);
     grouped dispatch vs the per-expert loop. Every group has its baseline first."""
-    from mice.bench import _context, compare, copy_bandwidth
+    from mice.bench import context as _context, compare, copy_bandwidth
     device, dtype, env, ref = _context(args)
     gbs = copy_bandwidth(device)
     return compare([ref], ref.name) + _routing_rows(args, ref, env, device, dtype, gbs)

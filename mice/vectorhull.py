@@ -372,7 +372,7 @@ def scramble_(module: nn.Module, scale: float = 0.5, generator: torch.Generator 
 
 # %% ../nbs/01_vectorhull_atlas.ipynb #b0e0e349
 from dataclasses import replace
-from .bench import suite, bench_step, compare, floor_ms, _context, _modes
+from .bench import bench_step, compare, floor_ms, context as _context, compile_modes as _modes
 
 BENCH_VARIANTS = {   # name -> constructor(D, P); "mlp" is the baseline of every comparison
     "mlp": lambda D, P: MLP(D),
@@ -391,7 +391,6 @@ def _cases(args, device) -> list[tuple[int, int]]:
     if device.type != "cuda": return [(32, p) for p in petals]
     return [(512, 8)] + [(d, 8) for d in (256, 1024, 2048)] + [(512, p) for p in (2, 4, 16)]
 
-@suite("vectorhull")
 def vectorhull_suite(args):
     """VectorHull (ours: chart folded at init, per call, or per token), torch-mice 0.5.0's math (`legacy`), log-sum-exp and
     top-k fusion of the same petals, against the 4x-hidden GELU MLP: fwd and fwd+bwd. Options: --opt petals=2,8
