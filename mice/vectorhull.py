@@ -456,7 +456,7 @@ def _build(name: str, D: int, P: int, device) -> nn.Module:
     except (RuntimeError, NotImplementedError):
         return BENCH_VARIANTS[name](D, P)
 
-
+# %% ../nbs/01_vectorhull_atlas.ipynb #9e66f77b
 def vectorhull_suite(args):
     """VectorHull (ours: chart folded at init, per call, or per token), torch-mice 0.5.0's math (`legacy`), log-sum-exp
     and top-k fusion of the same petals, against the 4x-hidden GELU MLP: fwd and fwd+bwd. Options: --opt petals=2,8
