@@ -4,25 +4,30 @@
 
 # %% ../nbs/02_mu_attention.ipynb #8e856827
 from __future__ import annotations
-import math
-from dataclasses import replace
+import typing
+from dataclasses import dataclass, replace
+from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .bench import context as _context, compile_modes as _modes, bench_step, compare, copy_result, floor_ms, time_fn, Result
-from .blocks import RMSNorm, Attention, causal_mask
+from .bench import BenchContext, Result, bench_step, compare, compile_modes, context, copy_result, floor_ms
+from .bench import opt_int, opt_ints, time_fn
+from .blocks import Attention, RMSNorm, causal_mask
+from .utils import check_choice, check_number, check_tensor
 
 # %% auto #0
-__all__ = ['MU_IMPLS', 'MU_NORMS', 'RMSBound', 'MuGuidedAttention', 'attention_variants', 'attention_flops', 'decode_bytes',
+__all__ = ['MuNorm', 'InitialMu', 'RMSBound', 'MuAttentionBase', 'MuGuidedAttention', 'LegacyMuAttention', 'MuConfig',
+           'SeparateMuAttention', 'ConcatMuAttention', 'attention_variants', 'attention_flops', 'decode_bytes',
            'attention_suite']
 
 # %% ../nbs/02_mu_attention.ipynb #265a24a7
-MU_IMPLS = ("fused", "separate", "concat")
-MU_NORMS = ("rms", "bound")
+MuNorm = Literal["rms", "bound", "none"]
+InitialMu = Literal["learned", "none"]
+
 
 class RMSBound(nn.Module):
-    "Scale each vector down to RMS `max_rms` if it is larger, else leave it (`x / max(1, rms(x) / max_rms)`), in float32."
+    "Scale each vector down to RMS `max_rms` where it is larger (`x / max(1, rms(x) / max_rms)`), in float32."
     def __init__(self, max_rms: float = 1.0):
         super().__init__()
         self.max_rms = max_rms
@@ -31,96 +36,144 @@ class RMSBound(nn.Module):
         xf = x.float()    # clamp the mean square before rsqrt: finite gradient at x = 0 (a zero-initialised mu)
         return (xf * (xf.pow(2).mean(-1, keepdim=True) / self.max_rms**2).clamp(min=1.0).rsqrt()).type_as(x)
 
+# %% ../nbs/02_mu_attention.ipynb #58721643
+class MuAttentionBase(Attention):
+    """`Attention` that also reads the previous layer's mu: `forward` checks `mu` and attends to `project(x, mu)`.
+    A subclass sets `dim`, `first_layer` and `mu_norm` (the module applied to mu) and defines `project`."""
+    def project(self, x: Tensor, mu: Tensor | None) -> list[Tensor]:
+        "[q, k, v] from `x` [B, T, dim] and `mu` [B, T, dim] (None at the first layer)."
+        raise NotImplementedError
 
-class MuGuidedAttention(Attention):
-    """Attention whose q, k, v also read the previous layer's mu: `[q; k; v] = W x + U RMSNorm(mu)`.
+    def check_mu(self, x: Tensor, mu: Tensor | None):
+        "Raise a clear error unless `mu` fits this layer: None at a first layer, else a finite tensor shaped like `x`."
+        if self.first_layer:
+            if mu is not None:
+                raise ValueError(f"mu: a first layer (first_layer=True) takes no mu ({type(self).__name__}: "
+                                 f"{self.extra_repr()}); got a tensor")
+            return
+        if mu is None:
+            raise ValueError("mu: layers after the first (first_layer=False) need the previous layer's mu [B, T, dim], "
+                             "got None")
+        check_tensor("mu", mu, shape=x.shape, dtype=x.dtype)
 
-    `mu_norm` (None: "rms", or False if `legacy`): "rms" (or True) RMSNorm with a gain, "bound" rescales mu to RMS <= 1
-    only where it is larger (identity near 0), False leaves mu as is. `impl` (None: "fused", or "concat" if `legacy`):
-    "fused" one GEMM on [x; mu] with the stored [W | U]; "separate" two GEMMs on views of it; "concat" the v0.13.0
-    per-call weight concatenation and three `F.linear`. `first_layer=True` takes no mu; its `initial_mu` (None: "learned")
-    is "learned" (a learned mu_0, i.e. a q/k/v bias) or "none" (no mu parameters). `legacy=True` is v0.13.0: separate
-    `qkv` and `mu_qkv` weights in every layer (dead at layer 0), unnormalised mu, per-call concatenation."""
+    def forward(self, x: Tensor, mu: Tensor | None, pos: Tensor, mask: Tensor | None = None,
+                kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
+        """`x` [B, T, dim], `mu` [B, T, dim] (the previous layer's; None at a first layer), the rest as in `Attention`.
+        Mu enters the cached keys and values, so decoding needs only the new tokens' mu."""
+        self.check_mu(x, mu)
+        return self.attend(*self.project(x, mu), pos, mask, kv, start)
+
+# %% ../nbs/02_mu_attention.ipynb #f88a5f89
+class MuGuidedAttention(MuAttentionBase):
+    """Attention whose q, k, v also read the previous layer's mu: `[q; k; v] = [W | U] [x; norm(mu)]`, one GEMM with the
+    weights stored once. `mu_norm`: "rms" (RMSNorm with a gain), "bound" (`RMSBound`: RMS <= 1, the identity below)
+    or "none". `first_layer=True` takes no mu; its `initial_mu` is "learned" (a learned mu_0, i.e. a q/k/v bias) or
+    "none" (no mu parameters: plain attention)."""
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, qk_norm: bool = True,
-                 rope_theta: float = 10_000.0, eps: float = 1e-6, mu_norm: bool | str | None = None, first_layer: bool = False,
-                 impl: str | None = None, legacy: bool = False, initial_mu: str | None = None):
+                 rope_theta: float = 10_000.0, eps: float = 1e-6, *, mu_norm: MuNorm = "rms",
+                 first_layer: bool = False, initial_mu: InitialMu = "learned"):
+        check_choice("mu_norm", mu_norm, typing.get_args(MuNorm))
+        check_choice("initial_mu", initial_mu, typing.get_args(InitialMu))
+        # The order below is the order in which every model drew its parameters before the refactor; keep it, or a
+        # seed builds other weights: Attention's qkv of width dim first (its default init draws from the RNG), then
+        # its replacement of width 2 dim, then the mu norm, then mu_init.
         super().__init__(dim, n_heads, n_kv_heads, qk_norm, rope_theta, eps)
-        if impl is not None and impl not in MU_IMPLS: raise ValueError(f"impl must be one of {MU_IMPLS}, got {impl!r}")
-        norms = {None: "rms", True: "rms", False: None, "rms": "rms", "bound": "bound"}
-        if not isinstance(mu_norm, (bool, str, type(None))) or mu_norm not in norms:
-            raise ValueError(f"mu_norm must be True, False, 'rms' or 'bound', got {mu_norm!r}")
-        if initial_mu not in (None, "learned", "none"):
-            raise ValueError(f"initial_mu must be 'learned' or 'none', got {initial_mu!r}")
-        if legacy:
-            if mu_norm not in (None, False): raise ValueError("legacy=True reproduces v0.13.0, whose mu is unnormalised: leave mu_norm None or False")
-            if impl not in (None, "concat"): raise ValueError(f"legacy=True concatenates weights per call: impl must be None or 'concat', got {impl!r}")
-            if initial_mu is not None: raise ValueError("legacy=True has no mu at layer 0: leave initial_mu None")
-        self.dim, self.first_layer, self.legacy = dim, first_layer, legacy
-        self.impl = impl or ("concat" if legacy else "fused")
-        self.initial_mu = None if legacy or not first_layer else (initial_mu or "learned")
-        out = self.qkv.out_features
-        if legacy: self.mu_qkv = nn.Linear(dim, out, bias=False)          # v0.13.0 layout (dead at layer 0)
-        elif self.initial_mu != "none": self.qkv = nn.Linear(2 * dim, out, bias=False)  # [W | U], stored once
-        has_mu = not legacy and self.initial_mu != "none" or legacy and not first_layer
-        self.mu_norm_kind = norms[mu_norm] if has_mu and not legacy else None
-        self.mu_norm = {"rms": lambda: RMSNorm(dim, eps), "bound": RMSBound, None: nn.Identity}[self.mu_norm_kind]()
+        self.dim, self.first_layer = dim, first_layer
+        self.initial_mu = initial_mu if first_layer else None
+        has_mu = self.initial_mu != "none"
+        if has_mu: self.qkv = nn.Linear(2 * dim, self.qkv.out_features, bias=False)     # [W | U], stored once
+        self.mu_norm_kind = mu_norm if has_mu else "none"
+        self.mu_norm = {"rms": lambda: RMSNorm(dim, eps), "bound": RMSBound, "none": nn.Identity}[self.mu_norm_kind]()
         if self.initial_mu == "learned": self.mu_init = nn.Parameter(torch.randn(dim))
 
     def extra_repr(self) -> str:
-        return (f"impl={self.impl!r}, first_layer={self.first_layer}, legacy={self.legacy}, "
-                f"initial_mu={self.initial_mu!r}, mu_norm={self.mu_norm_kind!r}")
+        return f"first_layer={self.first_layer}, initial_mu={self.initial_mu!r}, mu_norm={self.mu_norm_kind!r}"
 
     def weights(self) -> tuple[Tensor, Tensor | None]:
-        "(W, U): the x and mu halves of the q/k/v projection, as views of the stored weights (U None: no mu parameters)."
-        if self.legacy: return self.qkv.weight, self.mu_qkv.weight
+        "(W, U): the x and mu halves of the q/k/v projection, as views of the stored weight (U None: no mu parameters)."
         if self.initial_mu == "none": return self.qkv.weight, None
         return self.qkv.weight[:, :self.dim], self.qkv.weight[:, self.dim:]
 
     def project(self, x: Tensor, mu: Tensor | None) -> list[Tensor]:
-        "[q, k, v] = W x + U mu_tilde (mu_tilde = RMSNorm(mu), or the learned mu_0 at layer 0), by `self.impl`."
-        W, U = self.weights()
+        "[q, k, v] = [W | U] [x; norm(mu)], one GEMM; at the first layer W x + U norm(mu_0) (the bias), or W x."
         if self.first_layer:
-            bias = None if self.legacy or U is None else U @ self.mu_norm(self.mu_init)
+            W, U = self.weights()
+            bias = None if U is None else U @ self.mu_norm(self.mu_init)
             return F.linear(x, W, bias).split(self.qkv_sizes, dim=-1)
-        m = self.mu_norm(mu)
-        if self.impl == "fused": return F.linear(torch.cat([x, m], dim=-1), self.qkv.weight).split(self.qkv_sizes, dim=-1)
-        if self.impl == "separate": return (F.linear(x, W) + F.linear(m, U)).split(self.qkv_sizes, dim=-1)
-        xm = torch.cat([x, m], dim=-1)                                    # "concat": v0.13.0's per-call concatenation
-        return [F.linear(xm, torch.cat([w, u], dim=1)) for w, u in zip(W.split(self.qkv_sizes), U.split(self.qkv_sizes))]
+        return F.linear(torch.cat([x, self.mu_norm(mu)], dim=-1), self.qkv.weight).split(self.qkv_sizes, dim=-1)
 
-    def check_mu(self, x: Tensor, mu: Tensor | None):
-        "Raise a clear error unless `mu` fits this layer: None at the first layer, else a finite tensor shaped like `x`."
-        if self.first_layer:
-            if mu is not None: raise ValueError("mu: a first layer (first_layer=True) takes no mu (its policy is "
-                                                f"initial_mu={self.initial_mu!r}{', legacy' if self.legacy else ''}); got a tensor")
-            return
-        if mu is None: raise ValueError("mu: layers after the first (first_layer=False) need the previous layer's mu [B, T, dim], got None")
-        if not isinstance(mu, Tensor): raise TypeError(f"mu must be a torch.Tensor, got {type(mu).__name__}")
-        if mu.shape != x.shape: raise ValueError(f"mu must have the shape of x {tuple(x.shape)}, got {tuple(mu.shape)}")
-        if mu.dtype != x.dtype: raise TypeError(f"mu must have the dtype of x ({x.dtype}), got {mu.dtype}")
-        if mu.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isfinite(mu).all():
-            raise ValueError("mu contains NaN or inf")                     # checked on cpu only: no host sync on the GPU
+# %% ../nbs/02_mu_attention.ipynb #0a053f6c
+def _per_call_concat(x: Tensor, m: Tensor, W: Tensor, U: Tensor, sizes: list[int]) -> list[Tensor]:
+    "v0.13.0's projection: for each of q, k, v, concatenate its rows of W and U again and multiply [x; m] by them."
+    xm = torch.cat([x, m], dim=-1)
+    return [F.linear(xm, torch.cat([w, u], dim=1)) for w, u in zip(W.split(sizes), U.split(sizes))]
 
-    def forward(self, x: Tensor, mu: Tensor | None, pos: Tensor, mask: Tensor | None = None,
-                kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
-        """`x` [B, T, dim], `mu` [B, T, dim] (the previous layer's; None at the first layer), the rest as in `Attention`.
-        Mu enters the cached keys and values, so decoding needs only the new tokens' mu."""
-        self.check_mu(x, mu)
-        return self.attend(*self.project(x, mu), pos, mask, kv, start)
+
+class LegacyMuAttention(MuAttentionBase):
+    """complexity-deep v0.13.0's mu-guided attention: separate `qkv` (W) and `mu_qkv` (U) weights in every layer (U is
+    dead at layer 0, which takes no mu), unnormalised mu, the weights concatenated again on every call."""
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, qk_norm: bool = True,
+                 rope_theta: float = 10_000.0, eps: float = 1e-6, *, first_layer: bool = False):
+        super().__init__(dim, n_heads, n_kv_heads, qk_norm, rope_theta, eps)
+        self.dim, self.first_layer = dim, first_layer
+        self.mu_qkv = nn.Linear(dim, self.qkv.out_features, bias=False)      # v0.13.0 layout (dead at layer 0)
+        self.mu_norm = nn.Identity()                                           # mu unnormalised
+
+    def extra_repr(self) -> str:
+        return f"first_layer={self.first_layer}"
+
+    def weights(self) -> tuple[Tensor, Tensor]:
+        "(W, U): the x and mu halves of the q/k/v projection (`qkv` and `mu_qkv`)."
+        return self.qkv.weight, self.mu_qkv.weight
+
+    def project(self, x: Tensor, mu: Tensor | None) -> list[Tensor]:
+        "[q, k, v] = W x + U mu by per-call concatenation; at the first layer W x."
+        W, U = self.weights()
+        if self.first_layer: return F.linear(x, W).split(self.qkv_sizes, dim=-1)
+        return _per_call_concat(x, self.mu_norm(mu), W, U, self.qkv_sizes)
+
+# %% ../nbs/02_mu_attention.ipynb #02983245
+@dataclass(frozen=True)
+class MuConfig:
+    "The model-level options of mu-guided attention: the norm on the mu each layer reads, and the mu highway's scale."
+    norm: MuNorm = "rms"
+    highway: float = 0.1
+
+    def __post_init__(self):
+        check_choice("MuConfig.norm", self.norm, typing.get_args(MuNorm))
+        check_number("MuConfig.highway", self.highway, ge=0)
+
+# %% ../nbs/02_mu_attention.ipynb #149a950e
+class SeparateMuAttention(MuGuidedAttention):
+    "Benchmark variant of `MuGuidedAttention` (same parameters): two GEMMs, `W x + U norm(mu)`, on views of `[W | U]`."
+    def project(self, x: Tensor, mu: Tensor | None) -> list[Tensor]:
+        if self.first_layer: return super().project(x, mu)
+        W, U = self.weights()
+        return (F.linear(x, W) + F.linear(self.mu_norm(mu), U)).split(self.qkv_sizes, dim=-1)
+
+
+class ConcatMuAttention(MuGuidedAttention):
+    "Benchmark variant of `MuGuidedAttention` (same parameters): v0.13.0's per-call concatenation, on views of [W | U]."
+    def project(self, x: Tensor, mu: Tensor | None) -> list[Tensor]:
+        if self.first_layer: return super().project(x, mu)
+        W, U = self.weights()
+        return _per_call_concat(x, self.mu_norm(mu), W, U, self.qkv_sizes)
 
 # %% ../nbs/02_mu_attention.ipynb #3a8e3745
 def attention_variants(dim: int, n_heads: int, n_kv_heads: int) -> dict:
     "The benchmarked layers, keyed by row name; the first (plain GQA) is the baseline."
     return {"gqa (no mu)": Attention(dim, n_heads, n_kv_heads),
-            "mu separate": MuGuidedAttention(dim, n_heads, n_kv_heads, impl="separate"),
-            "mu concat per call": MuGuidedAttention(dim, n_heads, n_kv_heads, impl="concat"),
-            "mu fused": MuGuidedAttention(dim, n_heads, n_kv_heads, impl="fused"),
-            "mu v0.13.0 (legacy)": MuGuidedAttention(dim, n_heads, n_kv_heads, legacy=True)}
+            "mu separate": SeparateMuAttention(dim, n_heads, n_kv_heads),
+            "mu concat per call": ConcatMuAttention(dim, n_heads, n_kv_heads),
+            "mu fused": MuGuidedAttention(dim, n_heads, n_kv_heads),
+            "mu v0.13.0 (legacy)": LegacyMuAttention(dim, n_heads, n_kv_heads)}
+
 
 def attention_flops(layer: Attention, tokens: int, keys: float) -> float:
     "Forward FLOPs of `layer` (not a first layer) for `tokens` queries that each attend to `keys` keys on average."
     proj = sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
     return tokens * (2 * proj + 4 * layer.out.in_features * keys)
+
 
 def decode_bytes(layer: Attention, batch: int, context: int, element_size: int) -> float:
     "Fewest bytes a one-token decode step moves: every weight once, and the cached keys and values it reads."
@@ -128,10 +181,35 @@ def decode_bytes(layer: Attention, batch: int, context: int, element_size: int) 
     return element_size * (weights + 2 * batch * layer.n_kv_heads * layer.head_dim * context)
 
 # %% ../nbs/02_mu_attention.ipynb #94876892
-def _opt_ints(opts: dict, key: str, default) -> list[int]:
-    try: return [int(v) for v in str(opts.get(key, default)).split(",")]
-    except ValueError: raise ValueError(f"--opt {key}: expected comma-separated integers, got {opts[key]!r}") from None
+def _compiled(m: nn.Module):
+    "`torch.compile(m)` after `torch._dynamo.reset()`: every variant and shape gets its own compile."
+    torch._dynamo.reset()
+    return torch.compile(m)
 
+
+def _prefill_rows(layers: dict, B: int, T: int, compiled: list[bool], ctx: BenchContext, timer: dict) -> list[Result]:
+    "One group: prefill of B sequences of T tokens through each of `layers`, eager and/or compiled (`compiled`)."
+    device, dtype, env, ref = ctx
+    gqa = layers["gqa (no mu)"]
+    d, H, G = gqa.out.out_features, gqa.n_heads, gqa.n_kv_heads
+    new = lambda: torch.randn(B, T, d, device=device, dtype=dtype, requires_grad=True)
+    xs = [(new(), new()) for _ in range(2)]
+    pos = torch.arange(T, device=device)
+    group = []
+    for c in compiled:
+        for name, m in layers.items():
+            run = _compiled(m) if c else m
+            if name == "gqa (no mu)": fn = lambda x, mu, run=run: run(x, pos)
+            else: fn = lambda x, mu, run=run: run(x, mu, pos)
+            flops = attention_flops(m, B * T, (T + 1) / 2)
+            note = (f"B={B} T={T} H={H} H_kv={G}; floor fwd {floor_ms(flops, 0, ref.tflops, 1):.3f} ms, "
+                    f"fwd+bwd {floor_ms(3 * flops, 0, ref.tflops, 1):.3f} ms")
+            group.append(bench_step(f"prefill d={d} N={B * T} {name}{' compiled' if c else ''}", fn, xs, tokens=B * T,
+                                    flops=flops, params=list(m.parameters()), peak_tflops=ref.tflops, env=env,
+                                    note=note, **timer))
+    return compare(group, group[0].name)
+
+# %% ../nbs/02_mu_attention.ipynb #5a8037b2
 def _graphed(fn, device):
     "Capture `fn()` (static inputs and outputs) in a CUDA graph; returns its replay. Warm-up runs on a side stream."
     side = torch.cuda.Stream(device)
@@ -143,70 +221,71 @@ def _graphed(fn, device):
     with torch.cuda.graph(graph): fn()
     return graph.replay
 
+
 def _decode_modes(args, cuda: bool) -> list[str]:
     "How decode steps run: eager always; CUDA-graph replay on cuda (no host overhead); compiled with --compile."
-    return ["eager"] + (["graph"] if cuda else []) + (["compiled"] if True in _modes(args) else [])
+    return ["eager"] + (["graph"] if cuda else []) + (["compiled"] if True in compile_modes(args) else [])
 
-def attention_suite(args):
-    """Plain GQA vs mu-guided attention (separate / per-call concat (v0.13.0) / fused): prefill forward and forward+backward,
-    and one-token decode over a KV cache (eager, CUDA-graph replay on cuda, compiled with --compile), with the same-run
-    matmul and copy as ceilings. Decode steps pass no mask (the one-token fast path); on cuda plain GQA is also timed
-    with the explicit all-True mask of `causal_mask(1, S - 1)`.
+
+def _decode_rows(layers: dict, B: int, S: int, modes: list[str], ctx: BenchContext, copy: Result,
+                 timer: dict) -> list[Result]:
+    "One group: a one-token decode step at batch B over S cached tokens through each of `layers`, in each of `modes`."
+    device, dtype, env, ref = ctx
+    gqa = layers["gqa (no mu)"]
+    d = gqa.out.out_features
+    kbuf, vbuf = (torch.randn(B, gqa.n_kv_heads, S, gqa.head_dim, device=device, dtype=dtype) for _ in range(2))
+    x, mu = (torch.randn(B, 1, d, device=device, dtype=dtype) for _ in range(2))
+    pos, full_mask = torch.tensor([S - 1], device=device), causal_mask(1, S - 1, device=device)
+    cases = [(name, m, None) for name, m in layers.items()]
+    if device.type == "cuda": cases.append(("gqa (no mu) bool mask", gqa, full_mask))
+    group = []
+    for mode in modes:
+        for name, m, mask in cases:
+            run = _compiled(m) if mode == "compiled" else m
+            if name.startswith("gqa"): call = (x, pos, mask, (kbuf, vbuf), S - 1)
+            else: call = (x, mu, pos, mask, (kbuf, vbuf), S - 1)
+            step, note = (lambda: run(*call)), ""
+            with torch.no_grad():
+                if mode == "graph":
+                    try: step = _graphed(step, device)
+                    except RuntimeError as e: note = f"CUDA graph capture failed ({str(e)[:80]}), timed eager; "
+                t = time_fn(step, **timer)
+            flops, nbytes = attention_flops(m, B, S), decode_bytes(m, B, S, x.element_size())
+            floor_us = floor_ms(flops, nbytes, ref.tflops, copy.gbs) * 1e3
+            note += f"B={B} context={S}; floor {floor_us:.1f} us (bytes / copy bandwidth)"
+            group.append(Result(f"decode d={d} B={B} {name} {mode}", tokens=B, flops=flops, nbytes=nbytes, fwd=t,
+                                peak_tflops=ref.tflops, env=env, note=note))
+    return compare(group, group[0].name)
+
+# %% ../nbs/02_mu_attention.ipynb #b7b8f238
+def attention_suite(args) -> list[Result]:
+    """Plain GQA vs mu-guided attention (separate / per-call concat (v0.13.0) / fused / v0.13.0's layer): prefill
+    forward and forward+backward, and one-token decode over a KV cache (eager, CUDA-graph replay on cuda, compiled
+    with --compile), with the same-run matmul and copy as ceilings.
     Options (`--opt`): head_dim (128 cuda / 32 cpu), seq (prefill length T), context (decode cache length),
     batches (decode batch sizes, comma-separated). `--tokens`: prefill tokens per call (default 8192 and 32768 on cuda).
     `--sizes`: widths d (default 2048 and 1024 on cuda, 128 on cpu); heads = d / head_dim, KV heads = heads / 2.
-    `--compile`: compiled rows (a fresh `torch._dynamo.reset()` per variant) at the first width, first token count and
-    first decode batch only, to keep compile time to a few minutes."""
-    device, dtype, env, ref = _context(args)
-    cuda = device.type == "cuda"
-    (hd,), (T,), (S,) = (_opt_ints(args.opts, k, v) for k, v in
-                         (("head_dim", 128 if cuda else 32), ("seq", 2048 if cuda else 64), ("context", 2048 if cuda else 64)))
-    batches = _opt_ints(args.opts, "batches", "1,8,32" if cuda else "1,4")
+    `--compile`: compiled rows at the first width, first token count and first decode batch only, to keep compile
+    time to a few minutes."""
+    ctx = context(args)
+    device, ref, cuda = ctx.device, ctx.ref, ctx.device.type == "cuda"
+    hd = opt_int(args, "head_dim", 128 if cuda else 32)
+    T = opt_int(args, "seq", 2048 if cuda else 64)
+    S = opt_int(args, "context", 2048 if cuda else 64)
+    batches = opt_ints(args, "batches", [1, 8, 32] if cuda else [1, 4])
     token_counts = [args.tokens] if args.tokens else ([8192, 32768] if cuda else [128, 256])
     timer = dict(warmup=args.warmup, repeat=args.repeat, device=device)
-    copy = replace(copy_result(device, warmup=args.warmup, repeat=args.repeat), env=env)
+    copy = replace(copy_result(device, warmup=args.warmup, repeat=args.repeat), env=ctx.env)
     rows = compare([ref], ref.name) + compare([copy], copy.name)
-    def compiled(m):
-        torch._dynamo.reset()           # every variant and shape gets its own compile, never the recompile limit's eager fallback
-        return torch.compile(m)
     for di, d in enumerate(args.sizes or ((2048, 1024) if cuda else (128,))):
         if d % hd or (d // hd) % 2: raise ValueError(f"--sizes {d}: expected a multiple of 2 * head_dim ({2 * hd})")
         H = d // hd
         torch.manual_seed(0)
-        layers = {k: m.to(device, dtype) for k, m in attention_variants(d, H, H // 2).items()}
+        layers = {k: m.to(device, ctx.dtype) for k, m in attention_variants(d, H, H // 2).items()}
         for ni, n in enumerate(token_counts):
-            B = max(1, n // T)
-            xs = [tuple(torch.randn(B, T, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2)) for _ in range(2)]
-            pos = torch.arange(T, device=device)
-            group = []
-            for c in [c for c in _modes(args) if not c or di == ni == 0]:
-                for name, m in layers.items():
-                    run = compiled(m) if c else m
-                    fn = (lambda x, mu, run=run: run(x, pos)) if name == "gqa (no mu)" else (lambda x, mu, run=run: run(x, mu, pos))
-                    flops = attention_flops(m, B * T, (T + 1) / 2)
-                    note = f"B={B} T={T} H={H} H_kv={H // 2}; floor fwd {floor_ms(flops, 0, ref.tflops, 1):.3f} ms, fwd+bwd {floor_ms(3 * flops, 0, ref.tflops, 1):.3f} ms"
-                    group.append(bench_step(f"prefill d={d} N={B * T} {name}{' compiled' if c else ''}", fn, xs, tokens=B * T,
-                                            flops=flops, params=list(m.parameters()), peak_tflops=ref.tflops, env=env, note=note, **timer))
-            rows += compare(group, group[0].name)
+            compiled = [c for c in compile_modes(args) if not c or di == ni == 0]
+            rows += _prefill_rows(layers, max(1, n // T), T, compiled, ctx, timer)
         for bi, B in enumerate(batches):
-            kbuf, vbuf = (torch.randn(B, H // 2, S, hd, device=device, dtype=dtype) for _ in range(2))
-            x, mu = (torch.randn(B, 1, d, device=device, dtype=dtype) for _ in range(2))
-            pos, full_mask = torch.tensor([S - 1], device=device), causal_mask(1, S - 1, device=device)
-            cases = [(name, m, None) for name, m in layers.items()] + ([("gqa (no mu) bool mask", layers["gqa (no mu)"], full_mask)] if cuda else [])
-            group = []
-            for mode in [m for m in _decode_modes(args, cuda) if m != "compiled" or di == bi == 0]:
-                for name, m, mask in cases:
-                    run = compiled(m) if mode == "compiled" else m
-                    call = (x, pos, mask, (kbuf, vbuf), S - 1) if name.startswith("gqa") else (x, mu, pos, mask, (kbuf, vbuf), S - 1)
-                    step, note = (lambda: run(*call)), ""
-                    with torch.no_grad():
-                        if mode == "graph":
-                            try: step = _graphed(step, device)
-                            except RuntimeError as e: note = f"CUDA graph capture failed ({str(e)[:80]}), timed eager; "
-                        t = time_fn(step, **timer)
-                    flops, nbytes = attention_flops(m, B, S), decode_bytes(m, B, S, x.element_size())
-                    note += f"B={B} context={S}; floor {floor_ms(flops, nbytes, ref.tflops, copy.gbs) * 1e3:.1f} us (bytes / copy bandwidth)"
-                    group.append(Result(f"decode d={d} B={B} {name} {mode}", tokens=B, flops=flops, nbytes=nbytes, fwd=t,
-                                        peak_tflops=ref.tflops, env=env, note=note))
-            rows += compare(group, group[0].name)
+            modes = [m for m in _decode_modes(args, cuda) if m != "compiled" or di == bi == 0]
+            rows += _decode_rows(layers, B, S, modes, ctx, copy, timer)
     return rows
