@@ -50,3 +50,13 @@ def test_readme_names_the_layers():
     for m in modules(): expected.setdefault(RANKS[m] // 10, set()).add(m)
     assert table == expected, f"README layer table {table} != tests/layers.py {expected}"
     for k, name, _ in rows: assert name.strip() == LAYER_NAMES[int(k)]
+
+
+def test_index_draws_the_layers_as_they_are():
+    "The drawing in nbs/index.ipynb (and so README.md) is the output of `diagram()` on today's code."
+    import json
+    from layers import diagram
+    nb = json.loads((ROOT / "nbs" / "index.ipynb").read_text())
+    cell = next(c for c in nb["cells"] if c["cell_type"] == "code" and "diagram()" in "".join(c["source"]))
+    printed = "".join("".join(o.get("text", "")) for o in cell["outputs"] if o["output_type"] == "stream")
+    assert printed.rstrip("\n") == diagram(), "run nbs/index.ipynb's layer cell again, then .ci/readme.py"
