@@ -166,55 +166,6 @@ class Petals(nn.Module):
                 skip_std = 1 / math.sqrt(3 * self.in_dim)   # nn.Linear's default U(+-1/sqrt(n)) has this std
             self.wx[:, :, cols].normal_(0, skip_std, generator=generator)
 
-    @property
-    def input_weight(self) -> Tensor:
-        "All signed x-facing weights `[in_dim, P, depth*hidden + out_dim]`; petal p computes `x @ input_weight[:, p]`."
-        return self.wx
-
-    @torch.no_grad()
-    def fold_input_(self, A: Tensor):
-        "Make petal p compute f_p(A_p x) from x: W_x <- A_p^T W_x. `A` is [in_dim, in_dim] or [P, in_dim, in_dim]."
-        d, P = self.in_dim, self.petals
-        if not isinstance(A, Tensor) or A.shape not in ((d, d), (P, d, d)):
-            got = getattr(A, "shape", type(A).__name__)
-            raise ValueError(f"A: expected shape ({d}, {d}) or ({P}, {d}, {d}), got {got}")
-        A = A.to(self.wx).expand(P, d, d)
-        self.wx.copy_(torch.einsum("pji,jph->iph", A, self.wx))
-        return self
-
-    def _input(self, x: Tensor, per_petal: bool | None) -> bool:
-        check_tensor("x", x, self.in_dim, dtype=self.wx.dtype)
-        if per_petal is None: per_petal = x.ndim >= 3 and x.shape[-2] == self.petals
-        if per_petal and (x.ndim < 2 or x.shape[-2] != self.petals):
-            raise ValueError(f"x: a per-petal input must have shape [..., petals={self.petals}, {self.in_dim}], "
-                             f"got {tuple(x.shape)}")
-        return per_petal
-
-    def preactivations(self, x: Tensor, per_petal: bool | None = None) -> list[Tensor]:
-        "Pre-activations of every layer, each `[..., P, width]` (the last one is the output)."
-        per = self._input(x, per_petal)
-        lead = x.shape[:-2] if per else x.shape[:-1]
-        P, d, H = self.petals, self.in_dim, self.wx.shape[-1]
-        if per:
-            xp = x.reshape(-1, P, d).transpose(0, 1)                              # [P, N, d]
-            pre = torch.baddbmm(self.bias[:, None], xp, self.wx.transpose(0, 1))  # [P, N, H]
-        else:
-            pre = torch.addmm(self.bias.flatten(), x.reshape(-1, d), self.wx.flatten(1))  # ONE GEMM: [N, P*H]
-            pre = pre.view(-1, P, H).transpose(0, 1)                              # [P, N, H]
-        g = ACTIVATIONS[self.act]
-        s = pre[..., self._slice(0)]
-        out = [s]
-        for i, raw in enumerate(self.wz_raw, start=1):
-            s = torch.baddbmm(pre[..., self._slice(i)], g(s), positive(raw))
-            out.append(s)
-        return [t.transpose(0, 1).reshape(*lead, P, t.shape[-1]) for t in out]
-
-    def forward(self, x: Tensor, per_petal: bool | None = None) -> Tensor:
-        """`x [..., in_dim]` (shared by every petal) or `x [..., P, in_dim]` (one input per petal) ->
-        `[..., P, out_dim]`. `per_petal=None` infers per-petal input when `x.ndim >= 3` and `x.shape[-2] == petals`;
-        pass it explicitly when a shared `[B, T, in_dim]` input could have `T == petals`."""
-        return self.preactivations(x, per_petal)[-1]
-
     def flops_per_token(self) -> int:
         "Forward matmul FLOPs per token (2 per multiply-add), all petals."
         h, k = self.hidden, self.depth
@@ -223,6 +174,65 @@ class Petals(nn.Module):
     def extra_repr(self):
         return (f"in_dim={self.in_dim}, petals={self.petals}, hidden={self.hidden}, out_dim={self.out_dim}, "
                 f"depth={self.depth}, act={self.act!r}, init={self.init!r}")
+
+# %% ../nbs/00_convex_petals.ipynb #9e7f3dd7
+def _input(self, x: Tensor, per_petal: bool | None) -> bool:
+    check_tensor("x", x, self.in_dim, dtype=self.wx.dtype)
+    if per_petal is None: per_petal = x.ndim >= 3 and x.shape[-2] == self.petals
+    if per_petal and (x.ndim < 2 or x.shape[-2] != self.petals):
+        raise ValueError(f"x: a per-petal input must have shape [..., petals={self.petals}, {self.in_dim}], "
+                         f"got {tuple(x.shape)}")
+    return per_petal
+
+
+def _preactivations(self, x: Tensor, per_petal: bool | None = None) -> list[Tensor]:
+    "Pre-activations of every layer, each `[..., P, width]` (the last one is the output)."
+    per = self._input(x, per_petal)
+    lead = x.shape[:-2] if per else x.shape[:-1]
+    P, d, H = self.petals, self.in_dim, self.wx.shape[-1]
+    if per:
+        xp = x.reshape(-1, P, d).transpose(0, 1)                              # [P, N, d]
+        pre = torch.baddbmm(self.bias[:, None], xp, self.wx.transpose(0, 1))  # [P, N, H]
+    else:
+        pre = torch.addmm(self.bias.flatten(), x.reshape(-1, d), self.wx.flatten(1))  # ONE GEMM: [N, P*H]
+        pre = pre.view(-1, P, H).transpose(0, 1)                              # [P, N, H]
+    g = ACTIVATIONS[self.act]
+    s = pre[..., self._slice(0)]
+    out = [s]
+    for i, raw in enumerate(self.wz_raw, start=1):
+        s = torch.baddbmm(pre[..., self._slice(i)], g(s), positive(raw))
+        out.append(s)
+    return [t.transpose(0, 1).reshape(*lead, P, t.shape[-1]) for t in out]
+
+
+def _forward(self, x: Tensor, per_petal: bool | None = None) -> Tensor:
+    """`x [..., in_dim]` (shared by every petal) or `x [..., P, in_dim]` (one input per petal) ->
+    `[..., P, out_dim]`. `per_petal=None` infers per-petal input when `x.ndim >= 3` and `x.shape[-2] == petals`;
+    pass it explicitly when a shared `[B, T, in_dim]` input could have `T == petals`."""
+    return self.preactivations(x, per_petal)[-1]
+
+
+Petals._input, Petals.preactivations, Petals.forward = _input, _preactivations, _forward
+
+# %% ../nbs/00_convex_petals.ipynb #97c94dab
+def _input_weight(self) -> Tensor:
+    "All signed x-facing weights `[in_dim, P, depth*hidden + out_dim]`; petal p computes `x @ input_weight[:, p]`."
+    return self.wx
+
+
+@torch.no_grad()
+def _fold_input_(self, A: Tensor):
+    "Make petal p compute f_p(A_p x) from x: W_x <- A_p^T W_x. `A` is [in_dim, in_dim] or [P, in_dim, in_dim]."
+    d, P = self.in_dim, self.petals
+    if not isinstance(A, Tensor) or A.shape not in ((d, d), (P, d, d)):
+        got = getattr(A, "shape", type(A).__name__)
+        raise ValueError(f"A: expected shape ({d}, {d}) or ({P}, {d}, {d}), got {got}")
+    A = A.to(self.wx).expand(P, d, d)
+    self.wx.copy_(torch.einsum("pji,jph->iph", A, self.wx))
+    return self
+
+
+Petals.input_weight, Petals.fold_input_ = property(_input_weight), _fold_input_
 
 # %% ../nbs/00_convex_petals.ipynb #20546f0d
 class ICNN(Petals):

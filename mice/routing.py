@@ -325,7 +325,6 @@ class TokenRoutedMLP(nn.Module):
         self.shared = SwiGLU(dim, shared_hidden) if shared_hidden else None
         self.dim, self.n_experts, self.vocab_size, self.route = dim, n_experts, vocab_size, route
         self.mu_override, self.mu_dim, self.table_prob = mu_override, mu_dim or dim, table_prob
-        self.inputs = ("token_ids", "mu") if mu_override else ("token_ids",)     # what a model block must pass
         if mu_override is not None: self.mu_router = nn.Linear(self.mu_dim, n_experts, bias=False)
         if mu_override in ("soft", "straight"): self.table_logit = nn.Parameter(torch.zeros(()))
         self.register_buffer("_zero", torch.zeros(()), persistent=False)    # aux_loss: no allocation per call
@@ -355,30 +354,37 @@ class TokenRoutedMLP(nn.Module):
         the same table and no mu override route every token alike, so a model computes it once for all of them."""
         return sort_by_expert(self.table[token_ids.reshape(-1)], self.n_experts)
 
-    def forward(self, x: Tensor, token_ids: Tensor, mu: Tensor | None = None, plan: tuple | None = None) -> Tensor:
-        check_routed_input(x, token_ids, self.dim, self.vocab_size)
-        check_mu_input(mu, x, self.mu_override, self.mu_dim, plan)
-        ids = token_ids.reshape(-1)
-        expert, weight = self.assign(ids, None if mu is None else mu.reshape(-1, self.mu_dim))
-        y, load = self.run_experts(x.reshape(-1, self.dim), expert, weight, plan)
-        self.load, self.aux_loss = load.detach(), self._zero
-        self.overridden = None if mu is None else (expert[:, 0] != self.table[ids]).float().mean().detach()
-        y = y.view(x.shape)
-        return y if self.shared is None else y + self.shared(x)
+# %% ../nbs/03_token_routing.ipynb #63c68174
+def _routed_forward(self, x: Tensor, token_ids: Tensor, mu: Tensor | None = None, plan: tuple | None = None) -> Tensor:
+    "`x` [..., dim] and its input `token_ids` [...] (and `mu` [..., mu_dim] with an override) -> [..., dim]."
+    check_routed_input(x, token_ids, self.dim, self.vocab_size)
+    check_mu_input(mu, x, self.mu_override, self.mu_dim, plan)
+    ids = token_ids.reshape(-1)
+    expert, weight = self.assign(ids, None if mu is None else mu.reshape(-1, self.mu_dim))
+    y, load = self.run_experts(x.reshape(-1, self.dim), expert, weight, plan)
+    self.load, self.aux_loss = load.detach(), self._zero
+    self.overridden = None if mu is None else (expert[:, 0] != self.table[ids]).float().mean().detach()
+    y = y.view(x.shape)
+    return y if self.shared is None else y + self.shared(x)
 
-    def run_experts(self, rows: Tensor, expert: Tensor, weight: Tensor | None, plan: tuple | None):
-        "`moe_apply` on this layer's experts: what `LegacyTokenRoutedMLP` and the benchmark variant replace."
-        return moe_apply(rows, expert, weight, self.experts, plan)
+def _run_experts(self, rows: Tensor, expert: Tensor, weight: Tensor | None, plan: tuple | None):
+    "`moe_apply` on this layer's experts: what `LegacyTokenRoutedMLP` and the benchmark variant replace."
+    return moe_apply(rows, expert, weight, self.experts, plan)
 
-    def flops_per_token(self) -> int:
-        "Forward FLOPs per token: one expert (and the shared expert, and the override's router)."
-        router = 2 * self.mu_dim * self.n_experts if self.mu_override else 0
-        shared = self.shared.flops_per_token() if self.shared is not None else 0
-        return self.experts.flops_per_token() + shared + router
+def _routed_flops(self) -> int:
+    "Forward FLOPs per token: one expert (and the shared expert, and the override's router)."
+    router = 2 * self.mu_dim * self.n_experts if self.mu_override else 0
+    shared = self.shared.flops_per_token() if self.shared is not None else 0
+    return self.experts.flops_per_token() + shared + router
 
-    def active_params(self) -> int:
-        "Parameters one token uses: one multiply-add per weight, `flops_per_token() // 2`."
-        return self.flops_per_token() // 2
+def _active_params(self) -> int:
+    "Parameters one token uses: one multiply-add per weight, `flops_per_token() // 2`."
+    return self.flops_per_token() // 2
+
+
+TokenRoutedMLP.forward, TokenRoutedMLP.run_experts = _routed_forward, _run_experts
+TokenRoutedMLP.flops_per_token, TokenRoutedMLP.active_params = _routed_flops, _active_params
+
 
 # %% ../nbs/03_token_routing.ipynb #3d8f1b6e
 def mu_route(base: Tensor, mu: Tensor, router: Tensor, table_logit: Tensor | None,

@@ -318,6 +318,26 @@ def _save(self, step: int) -> Path:
 Trainer.step, Trainer.evaluate, Trainer.save = _step, _evaluate, _save
 
 # %% ../nbs/07_training_stages.ipynb #b02936b7
+def _after_step(self, step: int, end: int, loss: Tensor, bar, t0: float):
+    "Show the loss every 10 steps; evaluate and save every `eval_every` steps and at `end` (the whole split last)."
+    c, last, stopping = self.c, step + 1 == self.c.steps, step + 1 == end
+    if (step + 1) % 10 == 0 or stopping:
+        lv = loss.item()
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"training loss is {lv} at step {step}; lower lr (now {c.lr})")
+        bar.set_postfix(loss=f"{lv:.3f}")
+    if (step + 1) % c.eval_every == 0 or stopping:
+        full = last and c.full_final_eval
+        ev = self.evaluate(full)
+        self.history.append({"step": step + 1, "tokens": (step + 1) * c.batch_size * c.seq_len * self.world,
+                             "train_loss": loss.item(), "val_bpb": ev["bpb"], "val_tokens": ev["tokens"],
+                             "seconds": time.perf_counter() - t0})
+        if self.rank == 0:
+            bar.write(f"step {step + 1:5d}  train loss {loss.item():.3f}  val {ev['bpb']:.3f} bits/byte"
+                      + ("  (full validation split)" if full else f"  (first {ev['tokens']:,} tokens)"))
+            self.save(step + 1)
+
+
 def _run(self, stop_at: int | None = None, progress: bool = True, log=print) -> dict:
     """Train from the start (or the resumed step) to `c.steps`, or to `stop_at` as an interruption would; evaluate
     every `eval_every` steps and at the end, saving a checkpoint each time. Returns the run's results."""
@@ -329,24 +349,7 @@ def _run(self, stop_at: int | None = None, progress: bool = True, log=print) -> 
         log(f"{c.model}/{c.preset}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}; "
             f"{len(self.train_ids):,} train / {len(self.val_ids):,} validation tokens")
     t0 = time.perf_counter()
-    for step in bar:
-        loss = self.step(step)
-        last, stopping = step + 1 == c.steps, step + 1 == end
-        if (step + 1) % 10 == 0 or stopping:
-            lv = loss.item()
-            if not math.isfinite(lv):
-                raise FloatingPointError(f"training loss is {lv} at step {step}; lower lr (now {c.lr})")
-            bar.set_postfix(loss=f"{lv:.3f}")
-        if (step + 1) % c.eval_every == 0 or stopping:
-            full = last and c.full_final_eval
-            ev = self.evaluate(full)
-            self.history.append({"step": step + 1, "tokens": (step + 1) * c.batch_size * c.seq_len * self.world,
-                                 "train_loss": loss.item(), "val_bpb": ev["bpb"], "val_tokens": ev["tokens"],
-                                 "seconds": time.perf_counter() - t0})
-            if main:
-                bar.write(f"step {step + 1:5d}  train loss {loss.item():.3f}  val {ev['bpb']:.3f} bits/byte"
-                          + ("  (full validation split)" if full else f"  (first {ev['tokens']:,} tokens)"))
-                self.save(step + 1)
+    for step in bar: self._after_step(step, end, self.step(step), bar, t0)
     bar.close()
     if self._own_group: torch.distributed.destroy_process_group()
     m, h = self.model, self.history
@@ -361,7 +364,7 @@ def _run(self, stop_at: int | None = None, progress: bool = True, log=print) -> 
     return result
 
 
-Trainer.run = _run
+Trainer._after_step, Trainer.run = _after_step, _run
 
 
 def train(c: TrainConfig, resume: str | Path | None = None, stop_at: int | None = None, progress: bool = True,
