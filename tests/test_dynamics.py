@@ -91,14 +91,14 @@ def test_cache_equals_recompute(kind, extra):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(inl=dict(bounds="soft")), r"INLConfig.bounds: expected one of \('smooth', 'clamp'\)"),
-    (dict(inl=dict(dt=0.0)), "INLConfig.dt: expected a number > 0"),
-    (dict(inl=dict(controller_hidden=0)), "INLConfig.controller_hidden"),
-    (dict(mu=dict(highway=-1.0)), "MuConfig.highway: expected a number >= 0"),
-    (dict(mu=dict(norm="layer")), "MuConfig.norm: expected one of"),
+    (dict(inl=dict(bounds="soft")), r"inl.bounds: expected one of \('smooth', 'clamp'\)"),
+    (dict(inl=dict(dt=0.0)), "inl.dt: expected a number > 0"),
+    (dict(inl=dict(controller_hidden=0)), "inl.controller_hidden"),
+    (dict(mu=dict(highway=-1.0)), "mu.highway: expected a number >= 0"),
+    (dict(mu=dict(norm="layer")), "mu.norm: expected one of"),
 ])
 def test_bad_mechanism_options(overrides, message):
-    "A model's mechanism options are checked by their configs, with the configs' messages."
+    "A model's mechanism options are checked by their configs, with the configs' messages, named by their path."
     with pytest.raises(ValueError, match=message):
         build_model("mu_inl", None, **SHAPE, **overrides)
 
