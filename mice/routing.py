@@ -433,8 +433,7 @@ class TopKMoE(nn.Module):
                  out_std: float | None = None):
         super().__init__()
         check_int("n_experts", n_experts)
-        if check_int("k", k) > n_experts:
-            raise ValueError(f"k: expected an integer in [1, {n_experts}] (n_experts), got {k}")
+        check_int("k", k, high=n_experts)
         if capacity_factor is not None: check_number("capacity_factor", capacity_factor, gt=0)
         check_int("shared_hidden", shared_hidden, low=0)
         self.experts = GroupedExperts(n_experts, dim, hidden, impl, init_std, out_std)
@@ -569,9 +568,7 @@ class MoEConfig:
         check_int("MoEConfig.n_experts", self.n_experts)
         if self.expert_hidden is not None: check_int("MoEConfig.expert_hidden", self.expert_hidden)
         check_int("MoEConfig.shared_hidden", self.shared_hidden, low=0)
-        if check_int("MoEConfig.top_k", self.top_k) > self.n_experts:
-            raise ValueError(f"MoEConfig.top_k: expected an integer in [1, {self.n_experts}] (n_experts), "
-                             f"got {self.top_k}")
+        check_int("MoEConfig.top_k", self.top_k, high=self.n_experts)
         if self.capacity_factor is not None: check_number("MoEConfig.capacity_factor", self.capacity_factor, gt=0)
         check_number("MoEConfig.balance_weight", self.balance_weight, ge=0)
         check_number("MoEConfig.z_weight", self.z_weight, ge=0)

@@ -18,10 +18,11 @@ __all__ = ['check_int', 'check_number', 'check_choice', 'host_checks', 'check_te
            'config_from_dict', 'parse_assignment', 'parse_assignments']
 
 # %% ../nbs/foundation/00_utils.ipynb #720c5c67
-def check_int(name: str, value, low: int = 1) -> int:
-    "`value` if it is an integer >= `low` (not a bool), else a `ValueError` naming `name`."
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+def check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
+    "`value` if it is an integer in [`low`, `high`] (not a bool), else a `ValueError` naming `name`."
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        what = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
     return value
 
 

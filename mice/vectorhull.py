@@ -293,9 +293,7 @@ class VectorHull(PetalMixture):
     def __init__(self, in_dim: int, petals: int, out_dim: int | None = None, invert: Invert = False, *,
                  group: int = 2, **kw):
         super().__init__(in_dim, petals, out_dim, invert, **kw)
-        if isinstance(group, bool) or not isinstance(group, int) or not 1 <= group <= max(petals, 2):
-            # P = 1 with group = 2 averages v_0 with itself, as 0.5.0 does
-            raise ValueError(f"group: expected an integer in [1, max(petals={petals}, 2)], got {group!r}")
+        check_int("group", group, high=max(petals, 2))   # P = 1, group = 2 averages v_0 with itself, as 0.5.0 does
         self.group = group
         self.shifts = nn.Parameter(torch.zeros(petals))
 
@@ -336,8 +334,7 @@ class TopKMixture(PetalMixture):
     Not convex in x."""
     def __init__(self, in_dim, petals, out_dim=None, invert: Invert = False, *, k: int = 2, **kw):
         super().__init__(in_dim, petals, out_dim, invert, **kw)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= petals:
-            raise ValueError(f"k: expected an integer in [1, petals={petals}], got {k!r}")
+        check_int("k", k, high=petals)
         self.k, self.router = k, nn.Linear(in_dim, petals)
 
     def fuse(self, v, x): return topk_fusion(v, self.router(x), self.k)
