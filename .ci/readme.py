@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Write README.md from nbs/index.ipynb (nbdev_readme needs Quarto, which cannot be installed here).
 
-Hidden cells (`#| hide`) are dropped and `#|` directive lines removed, as nbdev's own processing does.
+Hidden cells (`#| hide`) are dropped and `#|` directive lines removed, as nbdev's own processing does; a cell marked
+`#| echo: false` shows its printed output only.
 `python .ci/readme.py --check` exits 1 if README.md is not current."""
 import re, sys
 from pathlib import Path
@@ -19,6 +20,10 @@ def render() -> str:
         lines = cell.source.splitlines()
         directives = [l for l in lines if re.match(r"\s*#\|", l)]
         if any(re.match(r"\s*#\|\s*hide\b", l) for l in directives): continue
+        if any(re.match(r"\s*#\|\s*echo:\s*false", l) for l in directives):   # the output alone, as a code block
+            text = "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+            keep.append(nbformat.v4.new_markdown_cell("```\n" + text.rstrip("\n") + "\n```"))
+            continue
         cell.source = "\n".join(l for l in lines if l not in directives).strip("\n")
         keep.append(cell)
     nb.cells = keep

@@ -4,48 +4,55 @@
 
 # %% ../nbs/10_cli.ipynb #d9607747
 from __future__ import annotations
-import argparse, sys, json
-from dataclasses import fields
+import argparse, sys
 from pathlib import Path
 import torch
-from .models import MODELS, PRESETS, ModelConfig
-from .training import TrainConfig, train, compare_runs, load_checkpoint, load_state, load_tokenizer, sample_text, tokenizer_digest
-from .models import build_model
+from . import bench, blocks, petals, vectorhull, attention, routing, experiments
+from .utils import parse_assignments
+from .data import load_tokenizer, tokenizer_digest
+from .models import MODELS, PRESETS
+from .training import TrainConfig, load_model, sample_text, train
+from .experiments import compare_runs
 
 # %% auto #0
-__all__ = ['parser', 'main']
+__all__ = ['SUITES', 'parser', 'main']
 
-# %% ../nbs/10_cli.ipynb #c82d13fc
-def _parse_set(items: list[str]) -> dict:
-    "Parse `key=value` model overrides into ModelConfig fields with their types."
-    types = {f.name: f.type for f in fields(ModelConfig)}
-    out = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq: raise ValueError(f"--set expects key=value, got {item!r}")
-        if key not in types: raise ValueError(f"--set: unknown model field {key!r}; expected one of {', '.join(types)}")
-        try: out[key] = json.loads(value.lower() if value.lower() in ("true", "false", "null") else value)
-        except json.JSONDecodeError:
-            if "str" not in str(types[key]): raise ValueError(f"--set {key}: cannot parse {value!r} as a number or boolean") from None
-            out[key] = value                                   # a string field, e.g. inl_bounds=clamp
-    return out
+# %% ../nbs/10_cli.ipynb #53ac1e43
+SUITES = {
+    "matmul": bench.matmul_suite, "swiglu": blocks.swiglu_suite, "petals": petals.petals_suite,
+    "vectorhull": vectorhull.vectorhull_suite, "attention": attention.attention_suite,
+    "routing": routing.routing_suite, "model": experiments.model_suite,
+}
+
+# %% ../nbs/10_cli.ipynb #b5db66ab
+def _overrides(model: str, items: list[str]) -> dict:
+    "`--set` assignments as overrides of model `model`'s config (nested dicts for mechanism options)."
+    if model not in MODELS: raise ValueError(f"--model: unknown model {model!r}; expected one of: {', '.join(MODELS)}")
+    try: return parse_assignments(type(MODELS[model]), items)
+    except ValueError as e: raise ValueError(f"--set {e}") from None
+
 
 def _train_options(t: argparse.ArgumentParser, d: TrainConfig):
     "The `TrainConfig` options shared by `mice train` and `mice compare`."
     t.add_argument("--preset", default=d.preset, help=f"size preset: {', '.join(PRESETS)} (default %(default)s)")
     for name in ("steps", "batch_size", "seq_len", "warmup", "eval_every"):
-        t.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name), help="(default %(default)s)")
+        t.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
+                       help="(default %(default)s)")
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip"):
-        t.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name), help="(default %(default)s)")
+        t.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name),
+                       help="(default %(default)s)")
     t.add_argument("--eval-tokens", type=int, default=d.eval_tokens,
                    help="validation tokens for intermediate evals; 0 = the whole split (default %(default)s)")
     t.add_argument("--full-final-eval", action=argparse.BooleanOptionalAction, default=d.full_final_eval,
                    help="evaluate the last step on the whole validation split (default %(default)s)")
     t.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default %(default)s)")
-    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on GPU only)")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile (default: on GPU only)")
     t.add_argument("--out-dir", default=d.out_dir, help="where the checkpoint(s) go (default %(default)s)")
-    t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a ModelConfig field")
+    t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a field of the model's config (a mechanism's option by its path, e.g. inl.dt=0.2)")
 
+# %% ../nbs/10_cli.ipynb #c82d13fc
 def parser() -> argparse.ArgumentParser:
     "The `mice` argument parser."
     p = argparse.ArgumentParser(prog="mice", description="Train, sample and benchmark the mice models.")
@@ -59,14 +66,16 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint (default: <out-dir>/checkpoint.safetensors)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    c = sub.add_parser("compare", help="train several model kinds x seeds at one token budget and compare them")
-    c.add_argument("--models", nargs="+", default=["dense", "mu", "inl", "mu_inl"], help="kinds; the first is the baseline (default %(default)s)")
+    c = sub.add_parser("compare", help="train several models x seeds at one token budget and compare them")
+    c.add_argument("--models", nargs="+", default=["dense", "mu", "inl", "mu_inl"],
+                   help="model names; the first is the baseline (default %(default)s)")
     c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="(default %(default)s)")
     _train_options(c, TrainConfig(out_dir="runs/compare"))
     c.add_argument("--no-match-params", dest="match_params", action="store_false",
-                   help="keep every kind's MLP width (default: match the first kind's parameter count within 2%%)")
-    c.add_argument("--jobs", type=int, default=None, help="runs in parallel processes (default: all runs on a GPU, 1 on the CPU)")
-    c.add_argument("--out", required=True, help="JSON file for the results")
+                   help="keep every model's MLP width (default: match the first's parameter count within 2%%)")
+    c.add_argument("--jobs", type=int, default=None,
+                   help="runs in parallel processes (default: all runs on a GPU, 1 on the CPU)")
+    c.add_argument("--out", help="JSON file for the results (default: <out-dir>/compare.json)")
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("--checkpoint", default="runs/default/checkpoint.safetensors", help="(default %(default)s)")
     g.add_argument("--prompt", default="\n")
@@ -75,62 +84,67 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
-    b = sub.add_parser("bench", help="run a benchmark suite (mice.bench); `mice bench -h` lists them", add_help=False)
+    b = sub.add_parser("bench", help="run a benchmark suite; `mice bench -h` lists them", add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
 # %% ../nbs/10_cli.ipynb #788717e8
-def _config(a, **kw) -> TrainConfig:
-    "A TrainConfig from the shared options (and `kw`)."
-    if a.eval_tokens is not None and a.eval_tokens < 0: raise ValueError(f"--eval-tokens must be >= 0, got {a.eval_tokens}")
+def _config(a, name: str, **kw) -> TrainConfig:
+    "A TrainConfig from the shared options (and `kw`); `--set` is read against the config of model `name`."
+    if a.eval_tokens is not None and a.eval_tokens < 0:
+        raise ValueError(f"--eval-tokens must be >= 0, got {a.eval_tokens}")
+    if a.preset not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {a.preset!r}; expected one of: {', '.join(PRESETS)}")
     return TrainConfig(preset=a.preset, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
-                       min_lr_ratio=a.min_lr_ratio, warmup=a.warmup, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
-                       eval_every=a.eval_every, eval_tokens=a.eval_tokens or None, full_final_eval=a.full_final_eval,
-                       device=a.device, compile=a.compile,
-                       out_dir=a.out_dir, model_overrides=_parse_set(a.set), **kw)
+                       min_lr_ratio=a.min_lr_ratio, warmup=a.warmup, weight_decay=a.weight_decay,
+                       grad_clip=a.grad_clip, eval_every=a.eval_every, eval_tokens=a.eval_tokens or None,
+                       full_final_eval=a.full_final_eval, device=a.device, compile=a.compile, out_dir=a.out_dir,
+                       model_overrides=_overrides(name, a.set), **kw)
+
 
 def _train(a) -> dict:
-    c = _config(a, model=a.model, seed=a.seed, sample_tokens=a.sample_tokens)
-    if c.model not in MODELS: raise ValueError(f"--model: unknown model {c.model!r}; expected one of: {', '.join(MODELS)}")
-    if c.preset not in PRESETS: raise ValueError(f"--preset: unknown preset {c.preset!r}; expected one of: {', '.join(PRESETS)}")
+    c = _config(a, a.model, model=a.model, seed=a.seed, sample_tokens=a.sample_tokens)
     resume = Path(c.out_dir) / "checkpoint.safetensors" if a.resume == "auto" else a.resume
     return train(c, resume=resume, progress=not a.no_progress)
 
+
 def _generate(a) -> str:
     if a.tokens < 0: raise ValueError(f"--tokens must be >= 0, got {a.tokens}")
-    ck = load_checkpoint(a.checkpoint)
+    model, ck = load_model(a.checkpoint)
     if ck.meta.get("tokenizer") not in (None, tokenizer_digest()):
         raise ValueError(f"--checkpoint {a.checkpoint} was trained with a different tokenizer than data/tokenizer.json")
-    model = MODELS[ck.meta["model"]](ModelConfig(**ck.meta["model_config"]))
-    load_state(model, ck.model)
     model.to(a.device)
     text = sample_text(model, load_tokenizer(), a.prompt, a.tokens, a.temperature, a.top_k, a.seed)
     print(text)
     return text
 
+# %% ../nbs/10_cli.ipynb #5a0f7e1c
 def _compare(a) -> dict:
-    if a.preset not in PRESETS: raise ValueError(f"--preset: unknown preset {a.preset!r}; expected one of: {', '.join(PRESETS)}")
-    if bad := [m for m in a.models if m not in MODELS]: raise ValueError(f"--models: unknown model(s) {bad}; expected some of: {', '.join(MODELS)}")
-    c = _config(a, sample_tokens=0)
+    if bad := [m for m in a.models if m not in MODELS]:
+        raise ValueError(f"--models: unknown model(s) {bad}; expected some of: {', '.join(MODELS)}")
+    c = _config(a, a.models[0], sample_tokens=0)
     gpu = c.device != "cpu" and torch.cuda.is_available()
     jobs = a.jobs if a.jobs is not None else (len(a.models) * len(a.seeds) if gpu else 1)
     if jobs < 1: raise ValueError(f"--jobs must be >= 1, got {jobs}")
-    r = compare_runs(a.models, a.seeds, c, match_params=a.match_params, jobs=jobs, out=a.out)
+    out = a.out or str(Path(c.out_dir) / "compare.json")
+    r = compare_runs(a.models, a.seeds, c, match_params=a.match_params, jobs=jobs, out=out)
     print(f"target: {r['target_bpb']:.4f} bits/byte (the mean final of {a.models[0]!r})")
     for m, s in r["summary"].items():
         d = "" if m == a.models[0] else f"  delta {s['delta_bpb_mean']:+.4f} +- {s['delta_bpb_std']:.4f}"
-        ttt = "not reached" if s["tokens_to_target"] is None else f"{s['tokens_to_target']:,.0f} tokens ({s['speedup_to_target']:.2f}x)"
+        ttt = "not reached" if s["tokens_to_target"] is None else \
+            f"{s['tokens_to_target']:,.0f} tokens ({s['speedup_to_target']:.2f}x)"
         print(f"{m:>8s}: {s['val_bpb_mean']:.4f} +- {s['val_bpb_std']:.4f} bits/byte{d}  to target: {ttt}  "
-              f"[{s['params_no_embedding']:,} params, {s['active_params_no_embedding']:,} active, hidden {s['hidden']}]")
-    print(f"written: {a.out}")
+              f"[{s['params_no_embedding']:,} params, {s['active_params_no_embedding']:,} active, "
+              f"hidden {s['hidden']}]")
+    print(f"written: {out}")
     return r
+
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `mice` command."
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:                      # mice.bench parses its own arguments (and its own -h)
-        from mice.bench import main as bench_main
-        return bench_main(argv[1:]) or 0
+    if argv[:1] == ["bench"]:                      # the harness parses its own arguments (and its own -h)
+        return bench.main(argv[1:], SUITES) or 0
     a = parser().parse_args(argv)
     try:
         if a.command == "train": _train(a)

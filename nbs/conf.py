@@ -37,8 +37,8 @@ html_css_files = ['mice.css']
 # Every other warning fails the build (.ci/docs runs `sphinx-build -W`). Suppressed, with reasons:
 suppress_warnings = ['myst.header']        # heading level jumps (# then ###): legal in notebooks and rendered fine
 
-# The sidebar: every notebook, in file-name order (00_..., 02_..., 10_...), under index.
-TOCTREE = '```{toctree}\n:hidden:\n:glob:\n:maxdepth: 1\n\n**\n```'
+# The sidebar: the foundation notebooks first (nbs/foundation/, in file-name order), then the numbered ones, under index.
+TOCTREE = '```{toctree}\n:hidden:\n:glob:\n:maxdepth: 1\n\nfoundation/*\n[0-9]*\n```'
 DIRECTIVE = re.compile(r'^#\|\s*([\w-]+)\s*:\s*(.*?)\s*$')
 TAGS = {('echo', 'false'): 'remove-input', ('output', 'false'): 'remove-output', ('include', 'false'): 'remove-cell',
         ('output', 'asis'): 'show-doc'}  # nbdev marks show_doc cells `output: asis`; mice.css styles them

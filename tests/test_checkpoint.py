@@ -1,4 +1,5 @@
 """Checkpoints: atomic writes that survive a crash mid-save, and verification that catches any damage."""
+import json
 import os
 import signal
 import subprocess
@@ -9,13 +10,14 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from mice.models import ModelConfig, Transformer
-from mice.training import load_checkpoint, load_state, save_checkpoint
+from conftest import ROOT
+from mice.models import DenseConfig, DenseModel
+from mice.training import load_checkpoint, load_model, load_state, save_checkpoint
 
 
 def _model_and_opt(seed=0):
     torch.manual_seed(seed)
-    m = Transformer(ModelConfig(vocab_size=40, dim=16, n_layers=1, n_heads=2, n_kv_heads=1))
+    m = DenseModel(DenseConfig(vocab_size=40, dim=16, n_layers=1, n_heads=2, n_kv_heads=1))
     opt = torch.optim.AdamW(m.parameters())
     m(torch.randint(0, 40, (2, 6))).sum().backward()
     opt.step()
@@ -30,7 +32,7 @@ def saved(tmp_path):
 
 def test_round_trip_restores_tied_weights(saved):
     path, m = saved
-    m2 = Transformer(m.config)
+    m2 = DenseModel(m.config)
     load_state(m2, load_checkpoint(path).model)
     assert m2.head.weight is m2.embed.weight
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
@@ -43,13 +45,13 @@ def test_a_process_killed_mid_save_loses_nothing(saved, tmp_path):
     code = f"""
 import os, time, torch
 from mice.training import save_checkpoint
-from mice.models import ModelConfig, Transformer
+from mice.models import DenseConfig, DenseModel
 real_fsync = os.fsync
 def slow_fsync(fd):
     print("writing", flush=True); time.sleep(60)
 os.fsync = slow_fsync
 torch.manual_seed(1)
-save_checkpoint({str(path)!r}, Transformer(ModelConfig(vocab_size=40, dim=16, n_layers=1, n_heads=2, n_kv_heads=1)), step=9)
+save_checkpoint({str(path)!r}, DenseModel(DenseConfig(vocab_size=40, dim=16, n_layers=1, n_heads=2, n_kv_heads=1)), step=9)
 """
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "writing"
@@ -62,7 +64,7 @@ save_checkpoint({str(path)!r}, Transformer(ModelConfig(vocab_size=40, dim=16, n_
 
 def test_refuses_a_model_of_another_shape(saved):
     path, _ = saved
-    other = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=1, n_heads=2, n_kv_heads=1))
+    other = DenseModel(DenseConfig(vocab_size=40, dim=32, n_layers=1, n_heads=2, n_kv_heads=1))
     with pytest.raises(ValueError, match="tensor shapes differ"):
         load_state(other, load_checkpoint(path).model)
 
@@ -84,3 +86,28 @@ def test_any_damage_is_caught_or_harmless(tmp_path_factory, data):
         return
     # a flip that still parses (e.g. in the header's padding) must not change what is loaded
     assert bad.step == good.step and all(torch.equal(bad.model[k], good.model[k]) for k in good.model)
+
+
+FLAT = ROOT / "tests" / "fixtures" / "flat-layout"
+FLAT_NAMES = ["dense", "mu_inl", "mu_inl-legacy", "routed_mu_soft", "top2", "routed_modulo-legacy"]
+
+
+@pytest.mark.parametrize("name", FLAT_NAMES)
+def test_checkpoints_of_the_flat_layout_still_load(name):
+    "Checkpoints written by mice before model families (commit c266595, `make.py`) load, and give the same logits."
+    expected = json.loads((FLAT / "expected.json").read_text())
+    model, ck = load_model(FLAT / f"{name}.safetensors")
+    assert ck.step == 7 and "family" not in ck.meta
+    with torch.no_grad(): logits = model(torch.tensor(expected["idx"])).double()
+    assert torch.allclose(logits, torch.tensor(expected["logits"][name], dtype=torch.float64), atol=1e-5), name
+    if name.endswith("legacy"): assert model.config.legacy
+
+
+def test_a_checkpoint_without_a_model_gets_one_clear_line(tmp_path):
+    m, _ = _model_and_opt()
+    path = save_checkpoint(tmp_path / "bare.safetensors", m)
+    with pytest.raises(ValueError, match="describes no model"):
+        load_model(path)
+    path = save_checkpoint(tmp_path / "odd.safetensors", m, meta={"family": "nope", "model_config": {}})
+    with pytest.raises(ValueError, match="family 'nope' is not registered"):
+        load_model(path)

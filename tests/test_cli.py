@@ -29,7 +29,7 @@ def default_run(tmp_path_factory):
 
 
 def test_main_job_beats_the_bigram_floor(default_run):
-    from mice.training import ngram_floors, text_files
+    from mice.data import ngram_floors, text_files
     out, r = default_run
     read = lambda split: "".join(p.read_text() for p in text_files(split))
     floors = ngram_floors(read("train"), read("validation"))
@@ -75,7 +75,7 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     (["train", "--preset", "huge"], "unknown preset 'huge'"),
     (["train", "--steps", "0"], "steps"),
     (["train", "--lr", "-1"], "lr"),
-    (["train", "--set", "dim"], "key=value"),
+    (["train", "--set", "dim"], "expected name=value"),
     (["train", "--set", "dim=30", "--set", "n_heads=4"], "divisible by n_heads"),
     (["train", "--device", "cuda"], "CUDA is not available"),
     (["train", "--set", "vocab_size=10"], "vocab_size is set by the tokenizer"),
@@ -85,10 +85,12 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     (["bench", "nosuch"], "invalid choice: 'nosuch'"),
     (["bench", "matmul", "--tokens", "0"], "positive integer"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
-    (["train", "--model", "dense", "--set", "inl=true"], "pick the model kind"),
-    (["train", "--model", "inl", "--set", "inl_bounds=soft"], "inl_bounds must be"),
-    (["compare", "--models", "dense", "nope", "--out", "x.json"], "unknown model(s) ['nope']"),
-    (["compare", "--models", "dense", "--jobs", "0", "--out", "x.json"], "--jobs must be >= 1"),
+    (["train", "--model", "dense", "--set", "inl.dt=0.2"], "--set inl.dt: DenseConfig has no field 'inl'"),
+    (["train", "--model", "dense", "--set", "moe.top_k=2"], "model 'dense' has no moe: pick the model kind"),
+    (["train", "--model", "inl", "--set", "inl.bounds=soft"], "inl.bounds: expected one of ('smooth', 'clamp')"),
+    (["train", "--model", "routed_modulo", "--set", "experts.route=hash"], "pick the model kind instead of overriding"),
+    (["compare", "--models", "dense", "nope"], "unknown model(s) ['nope']"),
+    (["compare", "--models", "dense", "--jobs", "0"], "--jobs must be >= 1"),
 ])
 def test_bad_arguments_give_one_clear_line(args, message):
     r = mice(*args)

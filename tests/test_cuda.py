@@ -3,14 +3,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mice.models import ModelConfig, Transformer, generate
+from mice.models import DenseConfig, DenseModel, generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _model(**kw):
     torch.manual_seed(0)
-    return Transformer(ModelConfig(vocab_size=257, dim=128, n_layers=2, n_heads=8, n_kv_heads=2, **kw)).cuda()
+    return DenseModel(DenseConfig(vocab_size=257, dim=128, n_layers=2, n_heads=8, n_kv_heads=2, **kw)).cuda()
 
 
 def test_cache_equals_recompute_fp32():

@@ -1,17 +1,15 @@
 """INL dynamics and the mechanism model kinds (mu, inl, mu_inl): math, effective inits, gradients to every parameter,
-cache == recompute, configuration errors, checkpoints, the MLP extension point and the ablation runner."""
+cache == recompute, configuration errors, checkpoints and the ablation runner."""
 import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from mice.dynamics import INLDynamics, mu_highway
-from mice import models
-from mice.models import MLPS, ModelConfig, build_model, generate
-from mice.attention import SwiGLU
+from mice.blocks import swiglu_hidden
+from mice.dynamics import ContextualMu, INLConfig, INLDynamics, LegacyINLDynamics, mu_highway
+from mice.models import build_model, generate
 
 SMALL = settings(max_examples=20, deadline=None)
 KINDS = ["dense", "mu", "inl", "mu_inl"]
@@ -55,6 +53,7 @@ def test_legacy_reproduces_the_dead_layer0_mu_weights():
 @pytest.mark.parametrize("kind", ["inl", "mu_inl"])
 def test_effective_init_after_model_init(kind, legacy, want):
     model = build_model(kind, None, legacy=legacy, **{**SHAPE, "dim": 64})
+    assert all(isinstance(b.dynamics, LegacyINLDynamics) == legacy for b in model.blocks)
     h = torch.randn(3, 10, 64) * 0.5
     for b in model.blocks:
         for got, w in zip(b.dynamics.coefficients(h, h), want):
@@ -65,7 +64,10 @@ def test_effective_init_after_model_init(kind, legacy, want):
         assert b.dynamics.context.mu.abs().max() == 0
 
 
-@pytest.mark.parametrize("kind, extra", [("mu", {}), ("inl", {}), ("mu_inl", {}), ("mu_inl", dict(mu_norm="bound"))])
+@pytest.mark.parametrize("kind, extra", [
+    ("mu", {}), ("inl", {}), ("mu_inl", {}),
+    ("mu_inl", dict(mu=dict(norm="bound"))), ("inl", dict(inl=dict(bounds="clamp"))),
+])
 def test_cache_equals_recompute(kind, extra):
     torch.manual_seed(1)
     model = build_model(kind, None, **SHAPE, **extra)
@@ -88,35 +90,100 @@ def test_cache_equals_recompute(kind, extra):
         assert g == seq
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(inl_bounds="clamp"), "inl=False"),
-    (dict(inl_dt=0.2), "inl=False"),
-    (dict(legacy=True), "needs mu_attention, inl or mlp='routed'"),
-    (dict(mu_highway=0.5), "no layer makes a mu"),
-    (dict(inl=True, inl_bounds="soft"), "inl_bounds must be"),
-    (dict(inl=True, legacy=True, inl_bounds="smooth"), "contradicts"),
-    (dict(inl=True, inl_dt=0.0), "inl_dt must be > 0"),
-    (dict(mu_attention=True, mu_highway=-1.0), "mu_highway must be >= 0"),
-    (dict(mlp="expert_choice"), "unknown MLP 'expert_choice'"),
-    (dict(route="hash"), "need mlp='routed'"),
-    (dict(mlp="routed", top_k=2), "need mlp='moe'"),
-    (dict(mlp="moe", top_k=9), "top_k must be an int in"),
-    (dict(mlp="routed", route="zipf"), "route must be one of"),
-    (dict(mlp="routed", mu_override="argmax"), "mu_override must be one of"),
-    (dict(mlp="routed", legacy=True, mu_override="soft"), "contradicts"),
-    (dict(mu_norm="bound"), "mu_attention=False"),
-    (dict(mu_attention=True, mu_norm="layer"), "mu_norm must be"),
+@pytest.mark.parametrize("overrides, message", [
+    (dict(inl=dict(bounds="soft")), r"inl.bounds: expected one of \('smooth', 'clamp'\)"),
+    (dict(inl=dict(dt=0.0)), "inl.dt: expected a number > 0"),
+    (dict(inl=dict(controller_hidden=0)), "inl.controller_hidden"),
+    (dict(mu=dict(highway=-1.0)), "mu.highway: expected a number >= 0"),
+    (dict(mu=dict(norm="layer")), "mu.norm: expected one of"),
 ])
-def test_contradictory_mechanism_config(kwargs, message):
+def test_bad_mechanism_options(overrides, message):
+    "A model's mechanism options are checked by their configs, with the configs' messages, named by their path."
     with pytest.raises(ValueError, match=message):
-        ModelConfig(**kwargs)
+        build_model("mu_inl", None, **SHAPE, **overrides)
 
 
-def test_kind_flags_cannot_be_overridden():
-    with pytest.raises(ValueError, match="pick the model kind"):
-        build_model("dense", None, inl=True, **SHAPE)
-    with pytest.raises(ValueError, match="pick the model kind"):
-        build_model("mu_inl", None, mu_attention=False, **SHAPE)
+def test_mechanisms_are_chosen_by_name():
+    "Switching a mechanism on or off is choosing another model name: the dense family has no INL or mu options."
+    with pytest.raises(ValueError, match="unknown field"):
+        build_model("dense", None, inl=dict(dt=0.2), **SHAPE)
+    with pytest.raises(ValueError, match="unknown field"):
+        build_model("dense", None, mu=dict(norm="bound"), **SHAPE)
+
+
+def test_inl_config():
+    c = INLConfig()
+    assert (c.controller_hidden, c.dt, c.bounds) == (64, 0.1, "smooth")
+    m = INLDynamics(16, **vars(INLConfig(controller_hidden=8, dt=0.2, bounds="clamp")))
+    assert (m.controller_in.out_features, m.dt, m.bounds) == (8, 0.2, "clamp")
+    for kw, match in ((dict(bounds="soft"), "INLConfig.bounds"), (dict(dt=0), "INLConfig.dt"),
+                      (dict(dt=float("nan")), "INLConfig.dt"), (dict(controller_hidden=2.0), "controller_hidden"),
+                      (dict(controller_hidden=True), "INLConfig.controller_hidden")):
+        with pytest.raises(ValueError, match=match):
+            INLConfig(**kw)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(bounds="soft"), r"bounds: expected one of \('smooth', 'clamp'\)"), (dict(beta=3.0), "beta_max"),
+    (dict(dt=0), "dt: expected a number > 0"), (dict(alpha=1.0), "alpha"), (dict(gate=0.0), "gate"),
+    (dict(controller_hidden=0), "controller_hidden"), (dict(v_max=-1.0), "v_max"),
+])
+def test_bad_dynamics_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        INLDynamics(8, **kw)
+
+
+def test_bad_input():
+    m = INLDynamics(8)
+    with pytest.raises(ValueError, match=r"h: expected shape \[\.\.\., 8\]"):
+        m(torch.randn(2, 3, 7))
+    with pytest.raises(ValueError, match=r"v: expected shape \(2, 3, 8\)"):
+        m(torch.randn(2, 3, 8), torch.randn(2, 4, 8))
+    with pytest.raises(TypeError, match="floating-point"):
+        m(torch.ones(2, 3, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        m([[0.0] * 8])
+
+
+def test_legacy_dynamics():
+    "v0.13.0's step: hard clamps, zero controller biases, W_mu ~ N(0, 0.02^2); INLDynamics' state-dict names."
+    torch.manual_seed(0)
+    m = LegacyINLDynamics(64)
+    assert m.bounds == "clamp" and m.controller_out.bias.abs().max() == 0 and m.controller_in.bias.abs().max() == 0
+    assert abs(m.context.mu_proj.weight.std().item() - 0.02) < 1e-3 and m.context.mu.abs().max() == 0
+    assert list(m.state_dict()) == list(INLDynamics(64).state_dict())
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        LegacyINLDynamics(8, bounds="smooth")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        INLDynamics(8, legacy=True)
+
+
+def test_contextual_mu():
+    h = torch.randn(2, 5, 16)
+    assert ContextualMu(16)(h).abs().max() == 0, "zero at init"
+    torch.manual_seed(0)
+    c = ContextualMu(64, proj_std=0.02)
+    assert abs(c.mu_proj.weight.std().item() - 0.02) < 1e-3
+    with torch.no_grad():
+        c.mu_proj.weight.normal_()
+        c.init_weights()                          # what a model does after its global init: the same init again
+    assert abs(c.mu_proj.weight.std().item() - 0.02) < 1e-3 and c.mu.abs().max() == 0
+    with pytest.raises(ValueError, match="proj_std"):
+        ContextualMu(8, proj_std=-1.0)
+
+
+def test_init_weights_hooks_redo_the_init():
+    "A model calls every module's `init_weights()` after its global init: that restores the documented values."
+    for cls, std in ((INLDynamics, 0.0), (LegacyINLDynamics, 0.02)):
+        m = cls(16)
+        with torch.no_grad():
+            for p in m.parameters(): p.normal_()
+        for mod in m.modules():
+            if hasattr(mod, "init_weights"): mod.init_weights()
+        want = cls(16)
+        assert torch.equal(m.controller_out.bias, want.controller_out.bias), cls.__name__
+        assert torch.equal(m.controller_in.bias, want.controller_in.bias) and m.context.mu.abs().max() == 0
+        assert (m.context.mu_proj.weight.abs().max() == 0) == (std == 0)
 
 
 @pytest.mark.parametrize("kind", ["mu_inl"])
@@ -146,47 +213,20 @@ def test_mu_highway_is_the_running_sum():
     assert mu_highway(mus[0], None, 0.0)[0] is mus[0]
 
 
-class ToyRouted(nn.Module):
-    "An MLP that reads token ids and mu and reports an auxiliary loss (the shape of a token-routed MLP)."
-    def __init__(self, c, layer=0):
-        super().__init__()
-        self.ffn, self.aux_loss, self.seen = SwiGLU(c.dim, c.hidden), 0.0, []
-
-    def forward(self, x, token_ids=None, mu=None):
-        self.seen.append((token_ids, mu))
-        self.aux_loss = x.pow(2).mean() * 0.01
-        return self.ffn(x)
-
-
-def test_mlp_extension_point(monkeypatch):
-    monkeypatch.setitem(MLPS, "toy", ToyRouted)
-    model = build_model("mu_inl", None, mlp="toy", **SHAPE)
-    assert model.aux_loss == 0.0
-    idx = torch.randint(0, 61, (2, 8))
-    model(idx)
-    assert all(torch.equal(b.mlp.seen[-1][0], idx) and b.mlp.seen[-1][1].shape == (2, 8, 32) for b in model.blocks)
-    assert torch.allclose(model.aux_loss, sum(b.mlp.aux_loss for b in model.blocks))
-    dense = build_model("dense", None, mlp="toy", **SHAPE)
-    dense(idx)                  # an MLP that reads mu gets the contextual mu of its own attention output, even in dense
-    assert all(b.context is not None and b.mlp.seen[-1][1].shape == (2, 8, 32) for b in dense.blocks)
-    plain = build_model("dense", None, **SHAPE)
-    assert all(b.context is None and b.dynamics is None for b in plain.blocks), "no mu parameters where nothing reads mu"
-    assert sorted(plain.state_dict()) == sorted(models.Transformer(ModelConfig(**SHAPE)).state_dict())
-
-
 @pytest.mark.parametrize("kind", ["mu_inl"])
 def test_checkpoint_resume_is_exact(kind, tmp_path):
     from mice.training import TrainConfig, train, load_checkpoint
-    small = dict(model=kind, model_overrides=dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1), batch_size=4, seq_len=32,
-                 eval_every=2, eval_tokens=512, full_final_eval=False, sample_tokens=4, warmup=1, lr=1e-2)
+    small = dict(model=kind, model_overrides=dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1), batch_size=4,
+                 seq_len=32, eval_every=2, eval_tokens=512, full_final_eval=False, sample_tokens=4, warmup=1, lr=1e-2)
     quiet = dict(progress=False, log=lambda *a: None)
     whole = train(TrainConfig(steps=4, out_dir=str(tmp_path / "a"), **small), **quiet)
     train(TrainConfig(steps=4, out_dir=str(tmp_path / "b"), **small), stop_at=2, **quiet)
-    resumed = train(TrainConfig(steps=4, out_dir=str(tmp_path / "b"), **small), resume=tmp_path / "b" / "checkpoint.safetensors", **quiet)
-    a, b = load_checkpoint(tmp_path / "a" / "checkpoint.safetensors"), load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")
+    resume = tmp_path / "b" / "checkpoint.safetensors"
+    resumed = train(TrainConfig(steps=4, out_dir=str(tmp_path / "b"), **small), resume=resume, **quiet)
+    a, b = load_checkpoint(tmp_path / "a" / "checkpoint.safetensors"), load_checkpoint(resume)
     assert a.step == b.step == 4 and all(torch.equal(a.model[k], b.model[k]) for k in a.model)
     assert whole["val_bpb"] == resumed["val_bpb"]
-    assert any("dynamics" in k for k in a.model) and a.meta["model_config"]["inl"] is True
+    assert any("dynamics" in k for k in a.model) and a.meta["model_config"]["inl"]
     with pytest.raises(ValueError, match="does not match"):
         train(TrainConfig(steps=6, out_dir=str(tmp_path / "b"), **{**small, "model": "mu"}),
               resume=tmp_path / "b" / "checkpoint.safetensors", **quiet)
@@ -200,12 +240,11 @@ def test_old_dense_checkpoint_still_resumes(tmp_path):
     quiet = dict(progress=False, log=lambda *a: None)
     train(TrainConfig(steps=2, out_dir=str(tmp_path), **small), **quiet)
     ck = load_checkpoint(tmp_path / "checkpoint.safetensors")
-    old = {k: v for k, v in ck.meta["model_config"].items()
-           if k not in ("mu_attention", "inl", "inl_bounds", "inl_dt", "inl_controller", "mu_highway", "legacy", "mlp")}
+    from mice.training import make_optimizer
+    old = {k: v for k, v in ck.meta["model_config"].items() if k not in ("moe",)}     # the mechanism fields
     model = build_model("dense", None, **old)
     model.load_state_dict(ck.model, strict=False)
-    from mice.training import _optimizer
-    opt = _optimizer(model, TrainConfig(**small), torch.device("cpu"))
+    opt = make_optimizer(model, TrainConfig(**small), torch.device("cpu"))
     opt.load_state_dict(ck.optimizer)
     save_checkpoint(tmp_path / "old.safetensors", model, opt, 2, {**ck.meta, "model_config": old})
     r = train(TrainConfig(steps=3, out_dir=str(tmp_path), **small), resume=tmp_path / "old.safetensors", **quiet)
@@ -213,7 +252,7 @@ def test_old_dense_checkpoint_still_resumes(tmp_path):
 
 
 def test_tokens_to_target():
-    from mice.training import tokens_to_target
+    from mice.experiments import tokens_to_target
     assert tokens_to_target([10, 20, 30], [5.0, 4.0, 3.0], 3.5) == 25.0
     assert tokens_to_target([10, 20], [5.0, 4.0], 3.0) is None
     assert tokens_to_target([10, 20], [2.0, 1.0], 3.0) == 10.0
@@ -222,9 +261,11 @@ def test_tokens_to_target():
 def test_compare_runs_small(tmp_path):
     "The ablation runner end to end on a very small model: matched parameters, the summary's fields and the JSON."
     import json
-    from mice.training import TrainConfig, compare_runs
-    base = TrainConfig(steps=4, batch_size=4, seq_len=32, eval_every=2, eval_tokens=512, full_final_eval=False, warmup=1,
-                       out_dir=str(tmp_path / "runs"), model_overrides=dict(dim=64, n_layers=2, n_heads=2, n_kv_heads=1))
+    from mice.experiments import compare_runs
+    from mice.training import TrainConfig
+    base = TrainConfig(steps=4, batch_size=4, seq_len=32, eval_every=2, eval_tokens=512, full_final_eval=False,
+                       warmup=1, out_dir=str(tmp_path / "runs"),
+                       model_overrides=dict(dim=64, n_layers=2, n_heads=2, n_kv_heads=1))
     r = compare_runs(KINDS, [0, 1], base, out=tmp_path / "cmp.json", log=lambda *a: None)
     assert json.loads((tmp_path / "cmp.json").read_text())["summary"].keys() == set(KINDS)
     s = r["summary"]
@@ -241,9 +282,11 @@ def test_compare_runs_small(tmp_path):
 
 
 def test_compare_runs_unmatched_keeps_the_width(tmp_path):
-    from mice.training import TrainConfig, compare_runs
-    base = TrainConfig(steps=2, batch_size=2, seq_len=16, eval_every=2, eval_tokens=256, full_final_eval=False, warmup=1,
-                       out_dir=str(tmp_path), model_overrides=dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1))
+    from mice.experiments import compare_runs
+    from mice.training import TrainConfig
+    base = TrainConfig(steps=2, batch_size=2, seq_len=16, eval_every=2, eval_tokens=256, full_final_eval=False,
+                       warmup=1, out_dir=str(tmp_path),
+                       model_overrides=dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1))
     s = compare_runs(["dense", "inl"], [0], base, match_params=False, log=lambda *a: None)["summary"]
-    assert s["dense"]["hidden"] == s["inl"]["hidden"] == ModelConfig(dim=32).hidden
+    assert s["dense"]["hidden"] == s["inl"]["hidden"] == swiglu_hidden(32)
     assert s["inl"]["params_no_embedding"] > s["dense"]["params_no_embedding"]

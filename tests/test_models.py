@@ -1,10 +1,10 @@
-"""Property tests (hypothesis) of the shared blocks and the dense baseline, and its bad-input errors."""
+"""Property tests (hypothesis) of the shared blocks and the model families, and their bad-input errors."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from mice.attention import Attention, RotaryEmbedding, causal_mask
-from mice.models import ModelConfig, Transformer, build_model, generate
+from mice.blocks import Attention, RotaryEmbedding, causal_mask
+from mice.models import DenseConfig, DenseModel, build_model, generate
 
 SMALL = settings(max_examples=25, deadline=None)
 
@@ -57,7 +57,7 @@ def test_rope_scores_depend_on_offset_only(m, n, shift):
 @given(st.lists(st.integers(1, 6), min_size=1, max_size=3), st.integers(0, 5))
 def test_generate_batch_equals_each_prompt_alone(lengths, new):
     torch.manual_seed(1)
-    model = Transformer(ModelConfig(vocab_size=31, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=32))
+    model = DenseModel(DenseConfig(vocab_size=31, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=32))
     prompts = [torch.randint(0, 31, (n,)).tolist() for n in lengths]
     batched = generate(model, prompts, new, temperature=0)
     assert batched == [generate(model, [p], new, temperature=0)[0] for p in prompts]
@@ -73,7 +73,7 @@ def test_generate_batch_equals_each_prompt_alone(lengths, new):
     (torch.zeros(1, 33, dtype=torch.long), "max_seq_len"),
 ])
 def test_bad_token_input(bad, message):
-    model = Transformer(ModelConfig(vocab_size=31, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=32))
+    model = DenseModel(DenseConfig(vocab_size=31, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=32))
     with pytest.raises((ValueError, TypeError)) as e:
         model(bad)
     assert message in str(e.value)
@@ -88,7 +88,7 @@ def test_bad_token_input(bad, message):
 ])
 def test_contradictory_config(kwargs, message):
     with pytest.raises(ValueError) as e:
-        ModelConfig(**kwargs)
+        DenseConfig(**kwargs)
     assert message in str(e.value)
 
 
@@ -100,7 +100,7 @@ def test_unknown_model_and_preset():
 
 
 def test_generate_rejects_bad_arguments():
-    model = Transformer(ModelConfig(vocab_size=31, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=8))
+    model = DenseModel(DenseConfig(vocab_size=31, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=8))
     for kwargs, msg in [(dict(prompts=[[]], max_new_tokens=1), "non-empty"),
                         (dict(prompts=[[1]], max_new_tokens=-1), "max_new_tokens"),
                         (dict(prompts=[[1]], max_new_tokens=1, temperature=-1), "temperature"),

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from mice.petals import (ACTIVATIONS, ICNN, PICNN, INITS, Petals, PetalLoop, act_moments, chord_test, hessian_check,
-                         hk_init_, hk_moments, monotonicity, positive, positive_inverse, relu_moments)
+                         hk_init_, hk_moments, monotonicity, petals_suite, positive, positive_inverse, relu_moments)
+from mice.utils import num_params
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -39,7 +40,8 @@ nets = st.fixed_dictionaries(dict(
 
 
 @SETTINGS
-@given(cfg=nets, seed=st.integers(0, 2**16), noise=st.sampled_from([0.0, 0.5, 2.0]), scale=st.sampled_from([0.1, 1.0, 10.0]))
+@given(cfg=nets, seed=st.integers(0, 2**16), noise=st.sampled_from([0.0, 0.5, 2.0]),
+       scale=st.sampled_from([0.1, 1.0, 10.0]))
 def test_icnn_is_convex_for_random_parameters_and_inputs(cfg, seed, noise, scale):
     torch.manual_seed(seed)
     m = scramble_(ICNN(**cfg).double(), noise)
@@ -108,13 +110,14 @@ def test_monotonicity():
 @SETTINGS
 @given(cfg=nets, P=st.integers(1, 4), lead=st.lists(st.integers(1, 3), min_size=0, max_size=2))
 def test_petals_matches_equations_and_shapes(cfg, P, lead):
-    cfg = dict(cfg); hidden = cfg.pop("hidden")
+    cfg = dict(cfg)
+    hidden = cfg.pop("hidden")
     m = scramble_(Petals(cfg["in_dim"], P, hidden, **{k: v for k, v in cfg.items() if k != "in_dim"}).double(), 0.3)
     x = torch.randn(*lead, 5, cfg["in_dim"], dtype=torch.float64)
     y = m(x, per_petal=False)
     assert y.shape == (*lead, 5, P, cfg["out_dim"])
     assert torch.allclose(y, reference(m, x), atol=1e-10)
-    xp = x.unsqueeze(-2).expand(*lead, 5, P, cfg["in_dim"])            # the same input per petal, via the per-petal path
+    xp = x.unsqueeze(-2).expand(*lead, 5, P, cfg["in_dim"])       # the same input per petal, via the per-petal path
     assert torch.allclose(m(xp, per_petal=True), y, atol=1e-10)
 
 
@@ -149,7 +152,7 @@ def test_gradients_reach_every_parameter(make):
 def test_counts():
     d, P, h, o, k = 5, 3, 7, 2, 3
     m = Petals(d, P, h, o, depth=k)
-    assert m.num_params() == P * (d * (k * h + o) + (k * h + o) + (k - 1) * h * h + h * o)
+    assert num_params(m) == P * (d * (k * h + o) + (k * h + o) + (k - 1) * h * h + h * o)
     assert m.flops_per_token() == 2 * P * (d * (k * h + o) + (k - 1) * h * h + h * o)
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as fc: m(torch.randn(11, d))
@@ -203,7 +206,8 @@ def test_hk_matches_the_paper_for_relu():
 
 
 def test_quadrature_moments():
-    assert all(math.isclose(a, b, rel_tol=3e-3) for a, b in zip(act_moments("relu", 2.0, 0.3, 200), relu_moments(2.0, 0.3)))
+    pairs = zip(act_moments("relu", 2.0, 0.3, 200), relu_moments(2.0, 0.3))
+    assert all(math.isclose(a, b, rel_tol=3e-3) for a, b in pairs)
     z = torch.randn(2_000_000, dtype=torch.float64)
     assert abs(F.softplus(z).mean().item() - act_moments("softplus")[0]) < 3e-3
 
@@ -212,7 +216,8 @@ def test_hk_init_is_lognormal_with_the_moments():
     raw = torch.empty(512, 512)
     m = hk_init_(raw, None, 512, generator=torch.Generator().manual_seed(0))
     logw, s2 = positive(raw).double().log(), math.log1p(m.var / m.mean**2)
-    assert abs(logw.mean().item() - (math.log(m.mean) - s2 / 2)) < 0.02 and abs(logw.std().item() / math.sqrt(s2) - 1) < 0.01
+    assert abs(logw.mean().item() - (math.log(m.mean) - s2 / 2)) < 0.02
+    assert abs(logw.std().item() / math.sqrt(s2) - 1) < 0.01
 
 
 def test_compile_fullgraph():
@@ -225,9 +230,9 @@ def test_compile_fullgraph():
 
 def test_suite_runs_on_cpu():
     from mice.bench import parse_args
-    from mice.petals import petals_suite
-    rows = petals_suite(parse_args(["petals", "--device", "cpu", "--sizes", "8", "--tokens", "32", "--repeat", "1",
-                                    "--warmup", "1", "--opt", "petals=2"]))
+    argv = ["petals", "--device", "cpu", "--sizes", "8", "--tokens", "32", "--repeat", "1", "--warmup", "1",
+            "--opt", "petals=2"]
+    rows = petals_suite(parse_args(argv, {"petals": petals_suite}))
     names = [r.name for r in rows]
     assert any(n.startswith("loop P=2") for n in names) and any(n.startswith("petals P=2") for n in names)
     assert all(r.baseline for r in rows)
@@ -239,3 +244,4 @@ def test_petal_loop_baseline_matches_petals_math():
     y = loop(x)
     assert y.shape == (5, 2, 2)
     assert torch.allclose(y[:, 1], loop.nets[1](x))
+    assert loop.flops_per_token() == Petals(3, 2, 4, 2).flops_per_token()
