@@ -48,6 +48,11 @@ class DecoderConfig:
     @property
     def head_dim(self) -> int: return self.dim // self.n_heads
 
+    @property
+    def residual_std(self) -> float:
+        "Init std of the projections that write into the residual stream: 0.02 / sqrt(2 L) (GPT-2)."
+        return 0.02 / math.sqrt(2 * self.n_layers)
+
 # %% ../nbs/08_full_models.ipynb #0d8b3e11
 @dataclass
 class Step:
@@ -110,7 +115,7 @@ class Decoder(nn.Module):
         self.apply(_normal_init)
         for name, p in self.named_parameters():
             if name.endswith("attn.out.weight") or (".mlp." in name and name.endswith("down.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.n_layers))
+                nn.init.normal_(p, std=self.config.residual_std)
         for m in self.modules():
             if m is not self and callable(getattr(m, "init_weights", None)): m.init_weights()
 
@@ -200,7 +205,7 @@ def topk_experts(c: DenseConfig) -> TopKMoE:
     m = c.moe
     return TopKMoE(c.dim, m.expert_width(c.mlp_hidden), m.n_experts, k=m.top_k,
                    capacity_factor=m.capacity_factor, balance_weight=m.balance_weight, z_weight=m.z_weight,
-                   shared_hidden=m.shared_hidden, out_std=0.02 / math.sqrt(2 * c.n_layers))
+                   shared_hidden=m.shared_hidden, out_std=c.residual_std)
 
 
 class DenseBlock(nn.Module):
@@ -282,7 +287,7 @@ def deep_mlp(c: DeepConfig, layer: int) -> nn.Module:
     "MLP of deep layer `layer`: SwiGLU, or token-routed experts (v0.13.0's with `legacy`)."
     e = c.experts
     if e is None: return SwiGLU(c.dim, c.mlp_hidden)
-    hidden, out_std = e.expert_width(c.mlp_hidden), 0.02 / math.sqrt(2 * c.n_layers)
+    hidden, out_std = e.expert_width(c.mlp_hidden), c.residual_std
     if c.legacy: return LegacyTokenRoutedMLP(c.dim, hidden, e.n_experts, c.vocab_size, out_std=out_std,
                                              mu_override=e.mu_override)
     return TokenRoutedMLP(c.dim, hidden, e.n_experts, c.vocab_size, route=e.route,
