@@ -176,7 +176,8 @@ def test_train_on_a_mix_reports_each_source(tmp_path):
     (["--dataset-reasoning"], {"reasoning": 1.0}),
     (["--dataset-cot"], {"cot": 1.0}),
     (["--dataset-bible"], {"bible": 1.0}),
-    (["--dataset-conversational", "--dataset-cot", "--data", "reasoning=0.5"], {"cot": 1.0, "plays": 1.0, "reasoning": 0.5}),
+    (["--dataset-conversational", "--dataset-cot", "--data", "reasoning=0.5"],
+     {"cot": 1.0, "plays": 1.0, "reasoning": 0.5}),
 ])
 def test_dataset_flags_choose_the_sources(tmp_path, flags, mix):
     r = mice("train", *flags, "--out-dir", tmp_path, *FAST)
@@ -217,6 +218,7 @@ def test_bad_data_arguments_give_one_clear_line(tmp_path, args, message):
 
 
 def test_bench_data_suite_on_cpu():
-    r = mice("bench", "data", "--device", "cpu", "--opt", "batch=4", "--opt", "seq=64", "--repeat", "3", "--warmup", "1")
+    r = mice("bench", "data", "--device", "cpu", "--opt", "batch=4", "--opt", "seq=64", "--repeat", "3",
+             "--warmup", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "get_batch plays B=4 T=64" in r.stdout and "mixed all B=4 T=64" in r.stdout, r.stdout
