@@ -222,3 +222,14 @@ def test_bench_data_suite_on_cpu():
              "--warmup", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "get_batch plays B=4 T=64" in r.stdout and "mixed all B=4 T=64" in r.stdout, r.stdout
+
+
+def test_ddp_on_a_mix_splits_each_batch_between_ranks(tmp_path):
+    "With two ranks the stream gives 2 x batch-size rows per step, and each rank trains on its half."
+    r = subprocess.run([bin_path("torchrun"), "--standalone", "--nproc_per_node", "2", bin_path("mice"), "train",
+                        "--data", "plays=1", "cot=1", "--out-dir", str(tmp_path), *FAST],
+                       capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("validation:") == 1, "only rank 0 reports"
+    assert ckpt_meta(tmp_path)["data_state"]["rows"] == {"cot": 8, "plays": 8}   # 2 steps x 2 ranks x 4 rows
