@@ -348,7 +348,7 @@ MixedLoader.state_dict, MixedLoader.load_state_dict = _state_dict, _load_state_d
 
 # %% ../nbs/foundation/04_sources.ipynb #faea4471
 def data_suite(args):
-    "Loader tokens/s: `get_batch` on the plays, `MixedLoader` on three mixes; `--opt batch=64,seq=1024`."
+    "Loader tokens/s: `get_batch` on the plays, `MixedLoader` on three mixes; `--opt batch=64 --opt seq=1024`."
     from mice.bench import Result, compare, environment, opt_int, time_fn
     from mice.data import get_batch
     device = torch.device(args.device)
