@@ -41,7 +41,7 @@ def check_mix(mix) -> dict[str, float]:
     return out
 
 # %% ../nbs/foundation/04_sources.ipynb #3284761f
-BIBLE = {"kjv": "0.0.2", "asv": "0.0.2", "bbe": "0.0.2", "web": "0.0.2", "ylt": "0.0.2"}  # translation: package version
+BIBLE = {"kjv": "0.0.2", "asv": "0.0.2", "dar": "0.0.2", "web": "0.0.2", "ylt": "0.0.2"}  # translation: package version
 
 
 def _bible_module(version: str) -> Path:
