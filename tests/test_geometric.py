@@ -254,6 +254,8 @@ def test_bad_inputs():
         GeometricConfig(curvature_init=(-0.5, 1.0))
     with pytest.raises(ValueError, match="each type once"):
         GeometricConfig(manifolds=("poincare", "poincare"))
+    with pytest.raises(ValueError, match="'curvature' needs a curved manifold"):
+        GeometricConfig(n_experts=2, manifolds=("simplex", "phase"))
     with pytest.raises(ValueError, match="bias_rate"):
         GeometricConfig(bias_rate=-1.0)
     with pytest.raises(ValueError, match="x: expected shape"):
