@@ -266,3 +266,38 @@ def test_bad_inputs():
         product_exp0(torch.zeros(2, 3), (("klein", 3),), [1.0])
     with pytest.raises(ValueError, match="c: expected 2 curvatures"):
         product_exp0(torch.zeros(2, 3), (("poincare", 1), ("sphere", 2)), [1.0])
+
+
+class _NanGradPastEnd(torch.autograd.Function):
+    "Identity whose backward puts NaN into the rows `mask` (as grouped_mm may leave rows past offs[-1] undefined)."
+    @staticmethod
+    def forward(ctx, x, mask):
+        ctx.save_for_backward(mask)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        mask, = ctx.saved_tensors
+        return torch.where(mask[:, None], float("nan"), g), None
+
+
+def test_rows_past_a_groups_end_never_leak(monkeypatch):
+    "grouped_mm leaves rows past offs[-1] undefined, forward and backward: poison them, the mixture must not notice."
+    import mice.geometric as geo
+    real = geo.grouped_linear
+    def poisoned(x, w, offs, impl="auto"):
+        past = torch.arange(x.shape[0]) >= offs[-1]
+        y = real(_NanGradPastEnd.apply(x, past), w, offs, impl)
+        return torch.where(past[:, None], float("nan"), y)
+    moe = _moe()
+    x = (0.5 * torch.randn(3, 20, 16, dtype=D64)).requires_grad_()
+    def run():
+        moe.zero_grad()
+        x.grad = None
+        y = moe(x)
+        (y.square().sum() + moe.aux_loss).backward()
+        return [y.detach(), x.grad.clone()] + [p.grad.clone() for p in moe.parameters()]
+    clean = run()
+    monkeypatch.setattr(geo, "grouped_linear", poisoned)
+    dirty = run()
+    assert all(torch.isfinite(d).all() and torch.allclose(c, d, atol=1e-12) for c, d in zip(clean, dirty))
