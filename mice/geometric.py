@@ -15,7 +15,7 @@ from .bench import bench_step, compare, compile_modes, context, floor_ms, opt_in
 from .blocks import SwiGLU, swiglu_hidden
 from .routing import (ExpertImpl, TopKMoE, grouped_linear, imbalance, moe_apply, router_losses, select_experts,
                           update_expert_bias)
-from .utils import check_choice, check_int, check_number, check_tensor, compute_dtype
+from .utils import check_choice, check_int, check_number, check_tensor, compute_dtype, host_checks
 
 # %% auto #0
 __all__ = ['Manifold', 'MAPS', 'CURVATURE_EPS', 'RHO_MAX', 'THETA_MAX', 'V_MAX', 'EXPERTS', 'RouterKind', 'SUITE_CONFIGS',
@@ -55,9 +55,14 @@ def _wide(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _curv(c, x: Tensor) -> Tensor:
-    "Curvature `c` (a number, or a tensor broadcastable to `x[..., :1]`) as a tensor of `x`'s dtype and device."
+def _curv(c, x: Tensor, name: str = "c", positive: bool = True) -> Tensor:
+    """Curvature `c` (a number, or a tensor broadcastable to `x[..., :1]`) as a tensor of `x`'s dtype and device; a
+    ValueError naming `name` if `positive` and some `c <= 0` (tensor values checked where that is free: on the CPU)."""
+    if positive and not isinstance(c, Tensor): check_number(name, c, gt=0)
+    elif positive and host_checks(c) and not (c > 0).all():
+        raise ValueError(f"{name}: expected a curvature > 0 everywhere, got min {c.min().item()!r}")
     return torch.as_tensor(c, dtype=x.dtype, device=x.device)
+
 
 # %% ../nbs/05_geometric_experts.ipynb #5c03dc83
 @manifold_op
@@ -87,7 +92,7 @@ def poincare_project(y: Tensor, c) -> Tensor:
 def mobius_add(x: Tensor, y: Tensor, k) -> Tensor:
     """Mobius addition in the k-stereographic model (k = -c: the Poincare ball; k = +c: the sphere's projection):
     `((1 - 2k<x,y> - k|y|^2) x + (1 + k|x|^2) y) / (1 - 2k<x,y> + k^2 |x|^2 |y|^2)`."""
-    k = _curv(k, x)
+    k = _curv(k, x, "k", positive=False)
     xy, xx, yy = (x * y).sum(-1, keepdim=True), x.square().sum(-1, keepdim=True), y.square().sum(-1, keepdim=True)
     num = (1 - 2 * k * xy - k * yy) * x + (1 + k * xx) * y
     return num / (1 - 2 * k * xy + k * k * xx * yy).clamp_min(1e-15)
@@ -164,28 +169,28 @@ def lorentz_linear(x: Tensor, w: Tensor, b: Tensor, c) -> Tensor:
 @manifold_op
 def simplex_exp0(v: Tensor, s) -> Tensor:
     "The open probability simplex, origin at the barycentre: `softmax(s v)` (`s > 0`: an inverse temperature)."
-    return torch.softmax(_curv(s, v) * v, -1)
+    return torch.softmax(_curv(s, v, "s") * v, -1)
 
 
 @manifold_op
 def simplex_log0(p: Tensor, s) -> Tensor:
     "The centred log-ratio over `s`: `(log p - mean(log p)) / s`; inverts `simplex_exp0` on centred vectors."
     lp = p.clamp_min(torch.finfo(p.dtype).tiny).log()
-    return (lp - lp.mean(-1, keepdim=True)) / _curv(s, p)
+    return (lp - lp.mean(-1, keepdim=True)) / _curv(s, p, "s")
 
 
 @manifold_op
 def phase_exp0(v: Tensor, s) -> Tensor:
     """Unit complex numbers `exp(i s v)` (the torus, one phase per coordinate), as real pairs [..., d, 2]
     (`torch.view_as_complex` reads them as complex)."""
-    v = _curv(s, v) * v
+    v = _curv(s, v, "s") * v
     return torch.view_as_real(torch.polar(torch.ones_like(v), v))
 
 
 @manifold_op
 def phase_log0(z: Tensor, s) -> Tensor:
     "The phase over `s`: `angle(z) / s` for `z` [..., d, 2]; inverts `phase_exp0` where `|s v| < pi`."
-    return torch.angle(torch.view_as_complex(z.contiguous())) / _curv(s, z)
+    return torch.angle(torch.view_as_complex(z.contiguous())) / _curv(s, z, "s")
 
 # %% ../nbs/05_geometric_experts.ipynb #70f2bcb3
 Manifold = Literal["euclidean", "poincare", "lorentz", "sphere", "simplex", "phase"]

@@ -262,6 +262,12 @@ def test_bad_inputs():
         GeometricMoE(16, 8)(torch.randn(4, 8))
     with pytest.raises(TypeError, match="config: expected a GeometricConfig"):
         GeometricMoE(16, 8, MoEConfig())
+    with pytest.raises(ValueError, match="c: expected a number > 0"):
+        poincare_exp0(torch.ones(2, 3), 0.0)
+    with pytest.raises(ValueError, match="c: expected a curvature > 0"):
+        sphere_log0(torch.ones(2, 3), torch.tensor([[0.5], [-0.5]]))
+    with pytest.raises(ValueError, match="s: expected a number > 0"):
+        phase_exp0(torch.ones(2, 3), -2.0)
     with pytest.raises(ValueError, match="manifold: expected one of"):
         product_exp0(torch.zeros(2, 3), (("klein", 3),), [1.0])
     with pytest.raises(ValueError, match="c: expected 2 curvatures"):
