@@ -18,13 +18,14 @@ from .routing import (ExpertImpl, TopKMoE, grouped_linear, imbalance, moe_apply,
 from .utils import check_choice, check_int, check_number, check_tensor, compute_dtype, host_checks
 
 # %% auto #0
-__all__ = ['Manifold', 'MAPS', 'CURVATURE_EPS', 'RHO_MAX', 'THETA_MAX', 'V_MAX', 'EXPERTS', 'RouterKind', 'SUITE_CONFIGS',
-           'manifold_op', 'ball_eps', 'poincare_exp0', 'poincare_log0', 'poincare_project', 'mobius_add', 'poincare_fc',
-           'sphere_exp0', 'sphere_log0', 'lorentz_exp0', 'lorentz_log0', 'lorentz_project', 'lorentz_inner',
-           'lorentz_linear', 'simplex_exp0', 'simplex_log0', 'phase_exp0', 'phase_log0', 'ambient_dim', 'product_exp0',
-           'product_log0', 'ManifoldExperts', 'EuclideanExperts', 'PoincareExperts', 'LorentzExperts', 'SphereExperts',
-           'SimplexExperts', 'PhaseExperts', 'reference_first', 'reference_geometric', 'GeometricExperts',
-           'GeometricRouter', 'GeometricConfig', 'GeometricMoE', 'ball_boundary', 'geometric_suite']
+__all__ = ['Manifold', 'MAPS', 'CURVATURE_EPS', 'RHO_MAX', 'THETA_MAX', 'V_MAX', 'EXPERTS', 'ExpertType', 'RouterKind',
+           'SUITE_CONFIGS', 'manifold_op', 'ball_eps', 'poincare_exp0', 'poincare_log0', 'poincare_project',
+           'mobius_add', 'poincare_fc', 'sphere_exp0', 'sphere_log0', 'lorentz_exp0', 'lorentz_log0', 'lorentz_project',
+           'lorentz_inner', 'lorentz_linear', 'simplex_exp0', 'simplex_log0', 'phase_exp0', 'phase_log0', 'ambient_dim',
+           'product_exp0', 'product_log0', 'ManifoldExperts', 'EuclideanExperts', 'PoincareExperts', 'LorentzExperts',
+           'SphereExperts', 'SimplexExperts', 'PhaseExperts', 'ProductExperts', 'reference_first',
+           'reference_geometric', 'GeometricExperts', 'GeometricRouter', 'GeometricConfig', 'GeometricMoE',
+           'ball_boundary', 'geometric_suite']
 
 # %% ../nbs/05_geometric_experts.ipynb #afd0de9b
 def manifold_op(fn):
@@ -262,7 +263,7 @@ class ManifoldExperts(nn.Module):
     def init_weights(self):
         "SwiGLU's init for the weights; curvatures log-evenly spread over `curvature_init`; the extras 0."
         nn.init.normal_(self.gate_up, std=self.init_std)
-        nn.init.normal_(self.down, std=self.out_std)
+        if "down" in self._parameters: nn.init.normal_(self.down, std=self.out_std)   # a product's factor has none
         if self.curved:
             lo, hi = self.curvature_init
             c = torch.logspace(math.log10(lo), math.log10(hi), self.n_experts, dtype=torch.float64).tolist()
@@ -402,13 +403,70 @@ class PhaseExperts(ManifoldExperts):
     def flops_per_token(self) -> int: return 2 * (2 * self.dim * 2 * self.hidden + self.dim * self.hidden)
 
 
+class ProductExperts(nn.Module):
+    """Experts on a product manifold, by default Poincare ball x sphere x Euclidean space (`factors`): each factor is
+    a batched group of its own type (`factors.<type>`, its own curvatures) that maps the token through its exp0,
+    layer and log0 to its share of the gate and up channels (`hidden` split evenly, the first factors taking the
+    remainder); the channels are concatenated, gated and sent through one Euclidean `down` [n, dim, hidden].
+    `curvature()` reports the mean of the curved factors' c, `kappa()` the width-weighted mean signed curvature."""
+    manifold, curved = "product", True
+
+    def __init__(self, n_experts: int, dim: int, hidden: int, curvature_init: tuple = (1e-3, 1e-2),
+                 impl: ExpertImpl = "auto", init_std: float = 0.02, out_std: float | None = None,
+                 factors: tuple = ("poincare", "sphere", "euclidean")):
+        super().__init__()
+        for f in factors: check_choice("factors", f, tuple(m for m in EXPERTS if m != "product"))
+        if len(set(factors)) != len(factors) or hidden < len(factors):
+            raise ValueError(f"factors: expected distinct types, at most hidden={hidden} of them, got {factors}")
+        q, r = divmod(hidden, len(factors))
+        self.widths = [q + (i < r) for i in range(len(factors))]
+        self.factors = nn.ModuleDict({f: EXPERTS[f](n_experts, dim, h, curvature_init, impl, init_std, out_std)
+                                      for f, h in zip(factors, self.widths)})
+        for g in self.factors.values(): del g.down                  # one down-projection for the product
+        self.n_experts, self.dim, self.hidden, self.impl = n_experts, dim, hidden, impl
+        self.out_std = init_std if out_std is None else out_std
+        self.down = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.clipped = None
+        self.init_weights()
+
+    def init_weights(self): nn.init.normal_(self.down, std=self.out_std)
+
+    def curvature(self) -> Tensor:
+        cs = [g.curvature() for g in self.factors.values() if g.curved]
+        return torch.stack(cs).mean(0) if cs else _wide(self.down.new_zeros(self.n_experts))
+
+    def kappa(self) -> Tensor:
+        return sum(g.kappa() * h for g, h in zip(self.factors.values(), self.widths)) / self.hidden
+
+    extras, mm, forward = (), ManifoldExperts.mm, ManifoldExperts.forward
+
+    def first(self, x: Tensor, offs: Tensor, e: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        "Each factor's first layer; their gate channels, then their up channels; a row is clipped if any factor's is."
+        parts = [g.first(x, offs, e, valid) for g in self.factors.values()]
+        gate = torch.cat([t[:, :h] for (t, _), h in zip(parts, self.widths)], -1)
+        up = torch.cat([t[:, h:] for (t, _), h in zip(parts, self.widths)], -1)
+        hits = [hit for _, hit in parts if hit is not None]
+        return torch.cat([gate, up], -1), torch.stack(hits).any(0) if hits else None
+
+    def flops_per_token(self) -> int:
+        "Forward FLOPs of one token: each factor's first layer, one down-projection."
+        first = sum(g.flops_per_token() - 2 * self.dim * g.hidden for g in self.factors.values())
+        return first + 2 * self.dim * self.hidden
+
+
 EXPERTS = {m.manifold: m for m in (EuclideanExperts, PoincareExperts, LorentzExperts, SphereExperts, SimplexExperts,
                                    PhaseExperts)}
+EXPERTS["product"] = ProductExperts
+ExpertType = Literal["euclidean", "poincare", "lorentz", "sphere", "simplex", "phase", "product"]
 
 # %% ../nbs/05_geometric_experts.ipynb #9a1e98a6
 def reference_first(group: ManifoldExperts, i: int, u: Tensor) -> Tensor:
     """Expert `i` of `group`'s first layer on rows `u` [N, dim], in float64, from the maps and the layers as the papers
     write them (`poincare_fc`, `lorentz_linear`, Mobius operations, `torch.view_as_complex`), not from `first`."""
+    if group.manifold == "product":
+        parts = [reference_first(g, i, u) for g in group.factors.values()]
+        ws = group.widths
+        return torch.cat([p[:, :h] for p, h in zip(parts, ws)] + [p[:, h:] for p, h in zip(parts, ws)], -1)
     u, W = u.double(), group.gate_up[i].double()
     c = group.curvature()[i].double() if group.curved else None
     if group.manifold == "euclidean": return u @ W.T
@@ -542,7 +600,7 @@ class GeometricConfig:
         check_int("GeometricConfig.n_experts", self.n_experts, high=64)
         ms = tuple(self.manifolds)
         if not ms: raise ValueError("GeometricConfig.manifolds: expected at least one manifold")
-        for m in ms: check_choice("GeometricConfig.manifolds", m, get_args(Manifold))
+        for m in ms: check_choice("GeometricConfig.manifolds", m, get_args(ExpertType))
         if len(set(ms)) != len(ms): raise ValueError(f"GeometricConfig.manifolds: each type once, got {ms}")
         if self.experts_per_manifold is None and self.n_experts < len(ms):
             raise ValueError(f"GeometricConfig.n_experts: {self.n_experts} experts cannot cover {len(ms)} manifolds")
@@ -555,9 +613,9 @@ class GeometricConfig:
         if self.expert_hidden is not None: check_int("GeometricConfig.expert_hidden", self.expert_hidden)
         check_int("GeometricConfig.top_k", self.top_k, high=self.n_experts)
         check_choice("GeometricConfig.router", self.router, get_args(RouterKind))
-        if self.router == "curvature" and not set(ms) & {"poincare", "lorentz", "sphere"}:
-            raise ValueError(f"GeometricConfig.router: 'curvature' needs a curved manifold (poincare, lorentz or "
-                             f"sphere) among {ms}; use router='linear'")
+        if self.router == "curvature" and not set(ms) & {"poincare", "lorentz", "sphere", "product"}:
+            raise ValueError(f"GeometricConfig.router: 'curvature' needs a curved manifold (poincare, lorentz, "
+                             f"sphere or product) among {ms}; use router='linear'")
         if len(self.curvature_init) != 2: raise ValueError("GeometricConfig.curvature_init: expected (low, high)")
         check_number("GeometricConfig.curvature_init[0]", self.curvature_init[0], gt=0)
         check_number("GeometricConfig.curvature_init[1]", self.curvature_init[1], ge=self.curvature_init[0])
@@ -676,7 +734,7 @@ def ball_boundary(dim: int = 1024, rms=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0), cu
 # %% ../nbs/05_geometric_experts.ipynb #7c55985e
 SUITE_CONFIGS = {"poincare": ("poincare",), "lorentz": ("lorentz",), "sphere": ("sphere",),
                  "4types": ("euclidean", "poincare", "lorentz", "sphere"),
-                 "6types": ("euclidean", "poincare", "lorentz", "sphere", "simplex", "phase")}
+                 "7types": ("euclidean", "poincare", "lorentz", "sphere", "simplex", "phase", "product")}
 
 
 def geometric_suite(args):

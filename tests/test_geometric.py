@@ -17,7 +17,7 @@ from mice.utils import dead_parameters
 
 FEW = settings(max_examples=15, deadline=None)
 D64 = torch.float64
-ALL = ("euclidean", "poincare", "lorentz", "sphere", "simplex", "phase")
+ALL = ("euclidean", "poincare", "lorentz", "sphere", "simplex", "phase", "product")
 
 
 # ---------------------------------------------------------------- maps
@@ -179,14 +179,14 @@ def test_gradient_reaches_router_every_curvature_and_weight():
     (moe(x).square().sum() + moe.aux_loss).backward()
     assert dead_parameters(moe) == []
     curv = [p.grad for n, p in moe.named_parameters() if "curvature" in n]
-    assert len(curv) == 5 and all((g != 0).all() for g in curv)
+    assert len(curv) == 7 and all((g != 0).all() for g in curv)               # product: a ball and a sphere
     assert moe.router.weight.grad.abs().sum() > 0 and moe.router.beta.grad.abs().sum() > 0
     assert {n for n, _ in moe.named_parameters() if "router" in n} == {"router.weight", "router.beta"}
     assert all(n.startswith(("router.", "experts.", "shared.")) for n, _ in moe.named_parameters())
 
 
 def test_bf16_autocast_and_fp32_curvature():
-    moe = GeometricMoE(32, 16, GeometricConfig(n_experts=6, manifolds=ALL, top_k=2))
+    moe = GeometricMoE(32, 16, GeometricConfig(n_experts=7, manifolds=ALL, top_k=2))
     x = torch.randn(2, 8, 32, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = moe(x)
@@ -233,7 +233,7 @@ def test_bias_balancing_off_by_default_and_in_the_config():
 
 
 def test_compiles_in_one_graph():
-    moe = GeometricMoE(64, 64, GeometricConfig(n_experts=6, manifolds=ALL, top_k=2, bias_rate=1e-3)).bfloat16()
+    moe = GeometricMoE(64, 64, GeometricConfig(n_experts=7, manifolds=ALL, top_k=2, bias_rate=1e-3)).bfloat16()
     x = torch.randn(2, 16, 64, dtype=torch.bfloat16, requires_grad=True)
     moe.eval()
     want = moe(x)
