@@ -776,3 +776,4 @@ def geometric_suite(args):
                 del moe, m
         rows += compare(group, group[0].name)
     return [*compare([ref], ref.name), *rows]
+geometric_suite.opts = ("experts", "k", "configs")   # the --opt keys it reads

@@ -364,3 +364,4 @@ def data_suite(args):
         rows.append(Result(f"mixed {label} B={B} T={T}", tokens=B * T, env=env,
                            fwd=timed(lambda: ld.next_batch(device))))
     return compare(rows, baseline=rows[0].name)
+data_suite.opts = ("batch", "seq")   # the --opt keys it reads
