@@ -4,18 +4,21 @@
 
 # %% ../nbs/10_cli.ipynb #d9607747
 from __future__ import annotations
-import argparse, sys
+import argparse, os, sys
+from dataclasses import replace
 from pathlib import Path
+from typing import get_args
 import torch
 from . import bench, blocks, petals, vectorhull, attention, routing, experiments
-from .utils import parse_assignments
+from .utils import check_int, parse_assignments
 from .data import load_tokenizer, tokenizer_digest
 from .models import MODELS, PRESETS
-from .training import TrainConfig, load_model, sample_text, train
+from .training import (STAGE_PRESETS, Parallel, Schedule, TrainConfig, load_model, load_stages, map_patterns,
+                           sample_text, train)
 from .experiments import compare_runs
 
 # %% auto #0
-__all__ = ['SUITES', 'parser', 'main']
+__all__ = ['SUITES', 'parser', 'train_config', 'main']
 
 # %% ../nbs/10_cli.ipynb #53ac1e43
 SUITES = {
@@ -36,12 +39,12 @@ def _train_options(t: argparse.ArgumentParser, d: TrainConfig):
     "The `TrainConfig` options shared by `mice train` and `mice compare`."
     t.add_argument("--preset", default=d.preset, help=f"size preset: {', '.join(PRESETS)} (default %(default)s)")
     for name in ("steps", "batch_size", "seq_len", "warmup", "eval_every"):
-        t.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
+        t.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name), action=_Given,
                        help="(default %(default)s)")
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip"):
-        t.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name),
-                       help="(default %(default)s)")
-    t.add_argument("--eval-tokens", type=int, default=d.eval_tokens,
+        names = ["--lr", "--learning-rate"] if name == "lr" else ["--" + name.replace("_", "-")]
+        t.add_argument(*names, type=float, default=getattr(d, name), action=_Given, help="(default %(default)s)")
+    t.add_argument("--eval-tokens", type=int, default=d.eval_tokens, action=_Given,
                    help="validation tokens for intermediate evals; 0 = the whole split (default %(default)s)")
     t.add_argument("--full-final-eval", action=argparse.BooleanOptionalAction, default=d.full_final_eval,
                    help="evaluate the last step on the whole validation split (default %(default)s)")
@@ -61,8 +64,11 @@ def parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     t.add_argument("--model", default=d.model, help=f"registered model: {', '.join(MODELS)} (default %(default)s)")
     _train_options(t, d)
-    t.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
-    t.add_argument("--sample-tokens", type=int, default=d.sample_tokens, help="(default %(default)s)")
+    _run_options(t, d)
+    t.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the model's init and of the batches (default %(default)s)")
+    t.add_argument("--sample-tokens", type=int, default=d.sample_tokens, action=_Given,
+                   help="length in tokens of the sample printed after training (default %(default)s)")
     t.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint (default: <out-dir>/checkpoint.safetensors)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -88,6 +94,59 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
+# %% ../nbs/10_cli.ipynb #653b21dd
+class _Given(argparse.Action):
+    "Store an option's value and remember that the user gave it (and under which name): aliases may not disagree."
+    def __call__(self, parser, namespace, value, option_string=None):
+        given = getattr(namespace, "_given", None) or {}
+        if self.dest in given and given[self.dest][1] != value:
+            parser.error(f"{option_string} {value} conflicts with {given[self.dest][0]} {given[self.dest][1]}")
+        given[self.dest] = (option_string, value)
+        namespace._given = given
+        setattr(namespace, self.dest, value)
+
+
+def _run_options(t: argparse.ArgumentParser, d: TrainConfig):
+    "The options of `mice train` for staged runs, scaling, and the model's shape under the reference runner's names."
+    s = t.add_argument_group("stages")
+    s.add_argument("--config", metavar="FILE",
+                   help="train in the stages of a stage file: JSON {\"stages\": [...]} or TOML [[stages]] tables")
+    s.add_argument("--stages", metavar="PRESET", help=f"train in a preset list of stages: {', '.join(STAGE_PRESETS)}")
+    s.add_argument("--stage-map", action="append", default=[], metavar="OLD=NEW",
+                   help="rename a stage pattern to fit this model's modules, e.g. '*curvature*=*norm*' (repeatable)")
+    s.add_argument("--stage-steps", type=int, action=_Given, metavar="N",
+                   help="steps of every stage (the run then has N x stages steps; excludes --steps)")
+    s.add_argument("--skip-setup", action="store_true",
+                   help="leave out the setup stages (the mgm preset's curvature calibration)")
+    r = t.add_argument_group("trainer")
+    r.add_argument("--schedule", choices=get_args(Schedule), default=d.schedule,
+                   help="learning-rate schedule after the warm-up: cosine decay, or wsd (stable, then a linear "
+                        "decay over the last --decay-frac of the steps) (default %(default)s)")
+    r.add_argument("--decay-frac", type=float, default=d.decay_frac, help="wsd: share of steps spent decaying "
+                   "(default %(default)s)")
+    r.add_argument("--grad-accum", type=int, default=d.grad_accum, metavar="N",
+                   help="split every batch into N micro-batches and accumulate their gradients (same update, "
+                        "1/N of the activation memory) (default %(default)s)")
+    r.add_argument("--parallel", choices=get_args(Parallel), default=d.parallel,
+                   help="how processes launched by torchrun share the work: ddp replicates the model, fsdp (FSDP2) "
+                        "shards parameters, gradients and optimizer state (default %(default)s)")
+    r.add_argument("--amp-off", action="store_true", help="no bf16 autocast on a GPU: float32 throughout")
+    r.add_argument("--flash-attention-off", action="store_true",
+                   help="attention through SDPA's math kernel only (no flash or memory-efficient kernels)")
+    r.add_argument("--validation-steps", type=int, action=_Given, metavar="N",
+                   help="validation batches per intermediate evaluation (= --eval-tokens N x batch x seq-len)")
+    r.add_argument("--sample-size", type=int, action=_Given, dest="sample_tokens", metavar="N",
+                   help="length in tokens of the sample printed after training (alias of --sample-tokens)")
+    m = t.add_argument_group("model shape (the MGM runner's names for config fields)")
+    m.add_argument("--hidden-dim", type=int, action=_Given, metavar="N", help="model width: the config's dim")
+    m.add_argument("--num-heads", type=int, action=_Given, metavar="N", help="attention heads: the config's n_heads")
+    m.add_argument("--experts-num", type=int, action=_Given, metavar="N",
+                   help="experts per layer (moe.n_experts or experts.n_experts); refused on a model without experts")
+    m.add_argument("--k-experts", type=int, action=_Given, metavar="K",
+                   help="experts each token is routed to (moe.top_k); refused on a model without top-k routing")
+    m.add_argument("--nuanced-routing", action="store_true",
+                   help="curvature-aware routing (the config's nuanced_routing); refused on a model without it")
+
 # %% ../nbs/10_cli.ipynb #788717e8
 def _config(a, name: str, **kw) -> TrainConfig:
     "A TrainConfig from the shared options (and `kw`); `--set` is read against the config of model `name`."
@@ -102,12 +161,6 @@ def _config(a, name: str, **kw) -> TrainConfig:
                        model_overrides=_overrides(name, a.set), **kw)
 
 
-def _train(a) -> dict:
-    c = _config(a, a.model, model=a.model, seed=a.seed, sample_tokens=a.sample_tokens)
-    resume = Path(c.out_dir) / "checkpoint.safetensors" if a.resume == "auto" else a.resume
-    return train(c, resume=resume, progress=not a.no_progress)
-
-
 def _generate(a) -> str:
     if a.tokens < 0: raise ValueError(f"--tokens must be >= 0, got {a.tokens}")
     model, ck = load_model(a.checkpoint)
@@ -117,6 +170,87 @@ def _generate(a) -> str:
     text = sample_text(model, load_tokenizer(), a.prompt, a.tokens, a.temperature, a.top_k, a.seed)
     print(text)
     return text
+
+# %% ../nbs/10_cli.ipynb #df613cb3
+def _field_path(model: str, flag: str, paths: tuple[str, ...]) -> str:
+    "The first of `paths` (config field paths) that model `model`'s config has, else a clear error for `flag`."
+    config = MODELS[model]
+    for path in paths:
+        node, ok = config, True
+        for part in path.split("."):
+            node = getattr(node, part, None)
+            if node is None:
+                ok = False
+                break
+        if ok: return path
+    raise ValueError(f"{flag}: model {model!r} has no {' or '.join(paths)} (it does not apply to this model)")
+
+
+def _shape_overrides(a, overrides: dict) -> dict:
+    "The model-shape flags (`--hidden-dim`, ...) merged into the `--set` overrides; the same field twice is refused."
+    flags = {"--hidden-dim": (a.hidden_dim, ("dim",)), "--num-heads": (a.num_heads, ("n_heads",)),
+             "--experts-num": (a.experts_num, ("moe.n_experts", "experts.n_experts", "n_experts")),
+             "--k-experts": (a.k_experts, ("moe.top_k", "top_k")),
+             "--nuanced-routing": (a.nuanced_routing or None, ("nuanced_routing",))}
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in overrides.items()}
+    for flag, (value, paths) in flags.items():
+        if value is None: continue
+        *parents, leaf = _field_path(a.model, flag, paths).split(".")
+        node = out
+        for p in parents: node = node.setdefault(p, {})
+        if leaf in node: raise ValueError(f"{flag} {value} conflicts with --set {'.'.join([*parents, leaf])}")
+        node[leaf] = value
+    return out
+
+
+def _stages(a) -> list | None:
+    "The stages that `--config`, `--stages`, `--stage-map`, `--stage-steps` and `--skip-setup` ask for (or None)."
+    if a.config and a.stages: raise ValueError("--config and --stages both give the stages: pick one")
+    if not (a.config or a.stages):
+        for flag, on in (("--stage-map", a.stage_map), ("--stage-steps", a.stage_steps is not None),
+                         ("--skip-setup", a.skip_setup)):
+            if on: raise ValueError(f"{flag} applies to staged runs: add --config FILE or --stages PRESET")
+        return None
+    if a.stages is not None and a.stages not in STAGE_PRESETS:
+        raise ValueError(f"--stages: unknown preset {a.stages!r}; expected one of: {', '.join(STAGE_PRESETS)}")
+    stages = load_stages(a.config) if a.config else STAGE_PRESETS[a.stages]()
+    mapping = {}
+    for item in a.stage_map:
+        old, eq, new = item.partition("=")
+        if not (eq and old and new): raise ValueError(f"--stage-map: expected OLD=NEW, got {item!r}")
+        mapping[old] = new
+    stages = map_patterns(stages, mapping)
+    if a.skip_setup:
+        if not any(s.setup for s in stages): raise ValueError("--skip-setup: these stages have no setup stage")
+        stages = [s for s in stages if not s.setup]
+    if a.stage_steps is not None:
+        if "steps" in a._given: raise ValueError("--stage-steps conflicts with --steps: give one of them")
+        stages = [replace(s, steps=a.stage_steps) for s in stages]
+    elif "steps" in a._given and all(s.steps is not None for s in stages):
+        raise ValueError(f"--steps conflicts with the stage file, whose stages set their steps "
+                         f"({sum(s.steps for s in stages)} in all)")
+    return stages
+
+
+def train_config(a) -> TrainConfig:
+    "The `TrainConfig` that `mice train`'s arguments `a` ask for (every flag checked, conflicts refused)."
+    a._given = getattr(a, "_given", None) or {}
+    if a.validation_steps is not None:
+        if "eval_tokens" in a._given: raise ValueError("--validation-steps conflicts with --eval-tokens: give one")
+        a.eval_tokens = check_int("--validation-steps", a.validation_steps) * a.batch_size * a.seq_len
+    if a.parallel == "fsdp" and "WORLD_SIZE" not in os.environ:
+        raise ValueError("--parallel fsdp: needs processes launched by torchrun (e.g. torchrun --nproc-per-node 2)")
+    c = _config(a, a.model, model=a.model, seed=a.seed, sample_tokens=a.sample_tokens, schedule=a.schedule,
+                decay_frac=a.decay_frac, grad_accum=a.grad_accum, parallel=a.parallel, amp=not a.amp_off,
+                flash_attention=not a.flash_attention_off, stages=_stages(a))
+    c.model_overrides = _shape_overrides(a, c.model_overrides)
+    return c
+
+
+def _train(a) -> dict:
+    c = train_config(a)
+    resume = Path(c.out_dir) / "checkpoint.safetensors" if a.resume == "auto" else a.resume
+    return train(c, resume=resume, progress=not a.no_progress)
 
 # %% ../nbs/10_cli.ipynb #5a0f7e1c
 def _compare(a) -> dict:
@@ -154,3 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mice {a.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+# %% ../nbs/10_cli.ipynb #62c42b38
+#| eval: false
+if __name__ == "__main__": sys.exit(main())     # python -m mice.cli (as torchrun -m mice.cli runs it)

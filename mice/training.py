@@ -71,7 +71,7 @@ class TrainConfig:
                              "equal micro-batches")
         if self.stages is not None: self.stages, self.steps = resolve_stages(self.stages, self.steps)
 
-# %% ../nbs/07_training_stages.ipynb #b9ce7b32
+# %% ../nbs/07_training_stages.ipynb #4c341303
 Schedule = Literal["cosine", "wsd"]
 Parallel = Literal["ddp", "fsdp"]
 
@@ -283,7 +283,7 @@ def parallelize(model: nn.Module, device, *, compile: bool, world: int = 1, para
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(net) if compile else net
 
-# %% ../nbs/07_training_stages.ipynb #656a8ef4
+# %% ../nbs/07_training_stages.ipynb #c3b05e1b
 def is_sharded(model: nn.Module) -> bool:
     "Whether `model` holds parameters sharded across processes (FSDP2 `DTensor`s)."
     from torch.distributed.tensor import DTensor
@@ -303,18 +303,20 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None)
     msd = {k: whole(v, id(owner.get(k, v))) for k, v in model.state_dict().items()}
     if optimizer is None: return msd, None
     sd = optimizer.state_dict()
-    state = {i: {n: whole(v, (i, n)) for n, v in s.items()} for i, s in sd["state"].items()}
+    # the same order on every process (a loaded state's order may differ between processes)
+    state = {i: {n: whole(sd["state"][i][n], (i, n)) for n in sorted(sd["state"][i])} for i in sorted(sd["state"])}
     return msd, {"state": state, "param_groups": sd["param_groups"]}
 
 
 def shard_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> dict:
-    "A whole optimizer state dict (a checkpoint's) cut to the shards of the optimizer's (FSDP2) parameters."
+    """A whole optimizer state dict (a checkpoint's, which every process has read) cut locally, without
+    communication, to the shards of the optimizer's (FSDP2) parameters."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     params = [p for g in optimizer.param_groups for p in g["params"]]
     state = {}
     for i, s in sd["state"].items():
         p = params[int(i)]
-        state[i] = {n: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+        state[i] = {n: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
                     if isinstance(p, DTensor) and v.shape == p.shape else v for n, v in s.items()}
     return {"state": state, "param_groups": sd["param_groups"]}
 
@@ -610,7 +612,7 @@ def sample_text(model: nn.Module, tok, prompt: str, n: int, temperature: float =
     model.train(was_training)
     return tok.decode(out)
 
-# %% ../nbs/07_training_stages.ipynb #63dbd7d2
+# %% ../nbs/07_training_stages.ipynb #5b5a2a21
 def read_metrics(path: str | Path) -> list[dict]:
     "The records of a run's `metrics.jsonl` (`path` is the file or the run's directory)."
     path = Path(path)
@@ -639,7 +641,7 @@ def plot_metrics(paths, ax=None, x: str = "tokens"):
     ax2.legend(fontsize=8)
     return fig
 
-# %% ../nbs/07_training_stages.ipynb #89b18d30
+# %% ../nbs/07_training_stages.ipynb #4f51aa1c
 @dataclass
 class Stage:
     """One stage of a staged run: which parameters train (glob patterns over parameter names; a leading `!`
@@ -714,7 +716,7 @@ def stage_at(stages: list[dict], step: int) -> tuple[int, int]:
     return len(stages) - 1, start - stages[-1]["steps"]
 
 
-# %% ../nbs/07_training_stages.ipynb #d74d1cba
+# %% ../nbs/07_training_stages.ipynb #27f66886
 def mgm_stages() -> list[Stage]:
     "MGM's five stages: curvature calibration, reasoning warm-up, expert pretraining, gate training, joint finetuning."
     return [Stage("curvature_calibration", ("*curvature*",), setup=True),
@@ -753,7 +755,7 @@ def load_stages(path: str | Path) -> list[Stage]:
     try: return [stage_from_dict(s) for s in stages]
     except (TypeError, ValueError) as e: raise ValueError(f"stage file {path}: {e}") from None
 
-# %% ../nbs/07_training_stages.ipynb #632dacca
+# %% ../nbs/07_training_stages.ipynb #eba6a57d
 def stage_mask(model: nn.Module, stage: Stage) -> dict[str, bool]:
     """Which parameters of `model` train in `stage` (by first name; a tied parameter trains if any of its names
     matches). A pattern that matches no parameter, or a stage that trains nothing, is an error naming the stage."""
@@ -788,7 +790,7 @@ def check_stages(model: nn.Module, stages: list) -> None:
     "Refuse, before any training, a stage whose patterns do not fit `model` (the error names stage and pattern)."
     for s in stages: stage_mask(model, stage_from_dict(s))
 
-# %% ../nbs/07_training_stages.ipynb #60285875
+# %% ../nbs/07_training_stages.ipynb #a7d080f8
 class ComplexFilteredGradScaler(torch.amp.GradScaler):
     """`torch.amp.GradScaler` for optimizers that hold complex parameters: their gradients are unscaled and checked
     for inf/NaN through a real view (`view_as_real`), with the stock kernel and the same `found_inf`, so an overflow
