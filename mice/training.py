@@ -71,7 +71,7 @@ class TrainConfig:
                              "equal micro-batches")
         if self.stages is not None: self.stages, self.steps = resolve_stages(self.stages, self.steps)
 
-# %% ../nbs/07_training_stages.ipynb #4c341303
+# %% ../nbs/07_training_stages.ipynb #7cbf1592
 Schedule = Literal["cosine", "wsd"]
 Parallel = Literal["ddp", "fsdp"]
 
@@ -283,7 +283,7 @@ def parallelize(model: nn.Module, device, *, compile: bool, world: int = 1, para
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(net) if compile else net
 
-# %% ../nbs/07_training_stages.ipynb #c3b05e1b
+# %% ../nbs/07_training_stages.ipynb #adc25e9a
 def is_sharded(model: nn.Module) -> bool:
     "Whether `model` holds parameters sharded across processes (FSDP2 `DTensor`s)."
     from torch.distributed.tensor import DTensor
@@ -612,7 +612,7 @@ def sample_text(model: nn.Module, tok, prompt: str, n: int, temperature: float =
     model.train(was_training)
     return tok.decode(out)
 
-# %% ../nbs/07_training_stages.ipynb #5b5a2a21
+# %% ../nbs/07_training_stages.ipynb #0df92194
 def read_metrics(path: str | Path) -> list[dict]:
     "The records of a run's `metrics.jsonl` (`path` is the file or the run's directory)."
     path = Path(path)
@@ -641,7 +641,7 @@ def plot_metrics(paths, ax=None, x: str = "tokens"):
     ax2.legend(fontsize=8)
     return fig
 
-# %% ../nbs/07_training_stages.ipynb #4f51aa1c
+# %% ../nbs/07_training_stages.ipynb #a4ece0a2
 @dataclass
 class Stage:
     """One stage of a staged run: which parameters train (glob patterns over parameter names; a leading `!`
@@ -716,7 +716,7 @@ def stage_at(stages: list[dict], step: int) -> tuple[int, int]:
     return len(stages) - 1, start - stages[-1]["steps"]
 
 
-# %% ../nbs/07_training_stages.ipynb #27f66886
+# %% ../nbs/07_training_stages.ipynb #64d79f94
 def mgm_stages() -> list[Stage]:
     "MGM's five stages: curvature calibration, reasoning warm-up, expert pretraining, gate training, joint finetuning."
     return [Stage("curvature_calibration", ("*curvature*",), setup=True),
@@ -755,7 +755,7 @@ def load_stages(path: str | Path) -> list[Stage]:
     try: return [stage_from_dict(s) for s in stages]
     except (TypeError, ValueError) as e: raise ValueError(f"stage file {path}: {e}") from None
 
-# %% ../nbs/07_training_stages.ipynb #eba6a57d
+# %% ../nbs/07_training_stages.ipynb #b8385a13
 def stage_mask(model: nn.Module, stage: Stage) -> dict[str, bool]:
     """Which parameters of `model` train in `stage` (by first name; a tied parameter trains if any of its names
     matches). A pattern that matches no parameter, or a stage that trains nothing, is an error naming the stage."""
@@ -790,7 +790,7 @@ def check_stages(model: nn.Module, stages: list) -> None:
     "Refuse, before any training, a stage whose patterns do not fit `model` (the error names stage and pattern)."
     for s in stages: stage_mask(model, stage_from_dict(s))
 
-# %% ../nbs/07_training_stages.ipynb #a7d080f8
+# %% ../nbs/07_training_stages.ipynb #15db0b5f
 class ComplexFilteredGradScaler(torch.amp.GradScaler):
     """`torch.amp.GradScaler` for optimizers that hold complex parameters: their gradients are unscaled and checked
     for inf/NaN through a real view (`view_as_real`), with the stock kernel and the same `found_inf`, so an overflow
