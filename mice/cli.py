@@ -136,6 +136,7 @@ def _run_options(t: argparse.ArgumentParser, d: TrainConfig):
     r.add_argument("--validation-steps", type=int, action=_Given, metavar="N",
                    help="validation batches per intermediate evaluation (= --eval-tokens N x batch x seq-len)")
     r.add_argument("--sample-size", type=int, action=_Given, dest="sample_tokens", metavar="N",
+                   default=argparse.SUPPRESS,    # the default is --sample-tokens's
                    help="length in tokens of the sample printed after training (alias of --sample-tokens)")
     m = t.add_argument_group("model shape (the MGM runner's names for config fields)")
     m.add_argument("--hidden-dim", type=int, action=_Given, metavar="N", help="model width: the config's dim")
