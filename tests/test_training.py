@@ -76,7 +76,7 @@ def test_fsdp_resumes_a_one_process_checkpoint(tmp_path, one_process, stage_file
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_checkpoint(ref / "checkpoint.safetensors"), load_checkpoint(tmp_path / "checkpoint.safetensors")
     worst = max((a.model[k] - b.model[k]).abs().max().item() for k in a.model)
-    print(f"one process to step 3, FSDP2 x2 from there: worst weight difference {worst:.1e} from one process throughout")
+    print(f"one process to step 3, FSDP2 x2 from there: worst weight difference {worst:.1e} from one process")
     assert b.step == 4 and worst < 1e-3
     assert [r["step"] for r in read_metrics(tmp_path) if "val_bpb" in r] == [2, 3, 4]
 
