@@ -4,19 +4,21 @@
 
 # %% ../nbs/10_cli.ipynb #d9607747
 from __future__ import annotations
-import argparse, re, sys
-from dataclasses import fields
+import argparse, os, re, sys
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import get_args
 import torch
 from . import bench, blocks, petals, vectorhull, attention, routing, geometric, experiments, sources
 from .utils import check_int, parse_assignments
 from .data import load_tokenizer, tokenizer_digest
 from .models import MODELS, PRESETS, check_generation
-from .training import PLAYS, TrainConfig, check_device, load_model, sample_text, train
+from .training import (PLAYS, STAGE_PRESETS, Parallel, Schedule, TrainConfig, check_device, load_model,
+                           load_stages, map_patterns, sample_text, train)
 from .experiments import compare_runs
 
 # %% auto #0
-__all__ = ['SUITES', 'HELP', 'FLAGS', 'DATASETS', 'USER_ERRORS', 'cli_message', 'parser', 'main']
+__all__ = ['SUITES', 'HELP', 'FLAGS', 'DATASETS', 'USER_ERRORS', 'cli_message', 'parser', 'train_config', 'main']
 
 # %% ../nbs/10_cli.ipynb #53ac1e43
 SUITES = {
@@ -62,10 +64,13 @@ def _train_options(t: argparse.ArgumentParser, d: TrainConfig):
     "The `TrainConfig` options shared by `mice train` and `mice compare`."
     t.add_argument("--preset", default=d.preset, help=f"model size: {', '.join(PRESETS)} (default %(default)s)")
     for name in ("steps", "batch_size", "seq_len", "warmup", "eval_every"):
-        t.add_argument(FLAGS[name], type=int, default=getattr(d, name), help=HELP[name] + " (default %(default)s)")
+        t.add_argument(FLAGS[name], type=int, default=getattr(d, name), action=_Given,
+                       help=HELP[name] + " (default %(default)s)")
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip"):
-        t.add_argument(FLAGS[name], type=float, default=getattr(d, name), help=HELP[name] + " (default %(default)s)")
-    t.add_argument("--eval-tokens", type=int, default=d.eval_tokens,
+        names = [FLAGS[name], "--learning-rate"] if name == "lr" else [FLAGS[name]]
+        t.add_argument(*names, type=float, default=getattr(d, name), action=_Given,
+                       help=HELP[name] + " (default %(default)s)")
+    t.add_argument("--eval-tokens", type=int, default=d.eval_tokens, action=_Given,
                    help="validation tokens for intermediate evals; 0 = the whole split (default %(default)s)")
     t.add_argument("--full-final-eval", action=argparse.BooleanOptionalAction, default=d.full_final_eval,
                    help="evaluate the last step on the whole validation split (default %(default)s)")
@@ -114,10 +119,11 @@ def parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     t.add_argument("--model", default=d.model, help=f"registered model: {', '.join(MODELS)} (default %(default)s)")
     _train_options(t, d)
+    _run_options(t, d)
     t.add_argument("--seed", type=int, default=d.seed,
                    help="seed of the initialisation and of the batches: the same seed gives the same run "
                    "(default %(default)s)")
-    t.add_argument("--sample-tokens", type=int, default=d.sample_tokens,
+    t.add_argument("--sample-tokens", type=int, default=d.sample_tokens, action=_Given,
                    help="tokens of text to sample from the model at the end; 0: none (default %(default)s)")
     t.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="continue the run saved in a checkpoint, with its settings (default: <out-dir>/checkpoint."
@@ -158,6 +164,60 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
+# %% ../nbs/10_cli.ipynb #653b21dd
+class _Given(argparse.Action):
+    "Store an option's value and remember that the user gave it (and under which name): aliases may not disagree."
+    def __call__(self, parser, namespace, value, option_string=None):
+        given = getattr(namespace, "_given", None) or {}
+        if self.dest in given and given[self.dest][1] != value:
+            parser.error(f"{option_string} {value} conflicts with {given[self.dest][0]} {given[self.dest][1]}")
+        given[self.dest] = (option_string, value)
+        namespace._given = given
+        setattr(namespace, self.dest, value)
+
+
+def _run_options(t: argparse.ArgumentParser, d: TrainConfig):
+    "The options of `mice train` for staged runs, scaling, and the model's shape under the reference runner's names."
+    s = t.add_argument_group("stages")
+    s.add_argument("--config", metavar="FILE",
+                   help="train in the stages of a stage file: JSON {\"stages\": [...]} or TOML [[stages]] tables")
+    s.add_argument("--stages", metavar="PRESET", help=f"train in a preset list of stages: {', '.join(STAGE_PRESETS)}")
+    s.add_argument("--stage-map", action="append", default=[], metavar="OLD=NEW",
+                   help="rename a stage pattern to fit this model's modules, e.g. '*curvature*=*norm*' (repeatable)")
+    s.add_argument("--stage-steps", type=int, action=_Given, metavar="N",
+                   help="steps of every stage (the run then has N x stages steps; excludes --steps)")
+    s.add_argument("--skip-setup", action="store_true",
+                   help="leave out the setup stages (the mgm preset's curvature calibration)")
+    r = t.add_argument_group("trainer")
+    r.add_argument("--schedule", choices=get_args(Schedule), default=d.schedule,
+                   help="learning-rate schedule after the warm-up: cosine decay, or wsd (stable, then a linear "
+                        "decay over the last --decay-frac of the steps) (default %(default)s)")
+    r.add_argument("--decay-frac", type=float, default=d.decay_frac, help="wsd: share of steps spent decaying "
+                   "(default %(default)s)")
+    r.add_argument("--grad-accum", type=int, default=d.grad_accum, metavar="N",
+                   help="split every batch into N micro-batches and accumulate their gradients (same update, "
+                        "1/N of the activation memory) (default %(default)s)")
+    r.add_argument("--parallel", choices=get_args(Parallel), default=d.parallel,
+                   help="how processes launched by torchrun share the work: ddp replicates the model, fsdp (FSDP2) "
+                        "shards parameters, gradients and optimizer state (default %(default)s)")
+    r.add_argument("--amp-off", action="store_true", help="no bf16 autocast on a GPU: float32 throughout")
+    r.add_argument("--flash-attention-off", action="store_true",
+                   help="attention through SDPA's math kernel only (no flash or memory-efficient kernels)")
+    r.add_argument("--validation-steps", type=int, action=_Given, metavar="N",
+                   help="validation batches per intermediate evaluation (= --eval-tokens N x batch x seq-len)")
+    r.add_argument("--sample-size", type=int, action=_Given, dest="sample_tokens", metavar="N",
+                   default=argparse.SUPPRESS,    # the default is --sample-tokens's
+                   help="length in tokens of the sample printed after training (alias of --sample-tokens)")
+    m = t.add_argument_group("model shape (the MGM runner's names for config fields)")
+    m.add_argument("--hidden-dim", type=int, action=_Given, metavar="N", help="model width: the config's dim")
+    m.add_argument("--num-heads", type=int, action=_Given, metavar="N", help="attention heads: the config's n_heads")
+    m.add_argument("--experts-num", type=int, action=_Given, metavar="N",
+                   help="experts per layer (moe.n_experts or experts.n_experts); refused on a model without experts")
+    m.add_argument("--k-experts", type=int, action=_Given, metavar="K",
+                   help="experts each token is routed to (moe.top_k); refused on a model without top-k routing")
+    m.add_argument("--nuanced-routing", action="store_true",
+                   help="curvature-aware routing (the config's nuanced_routing); refused on a model without it")
+
 # %% ../nbs/10_cli.ipynb #788717e8
 def _config(a, name: str, **kw) -> TrainConfig:
     "A TrainConfig from the shared options (and `kw`); `--set` is read against the config of model `name`."
@@ -167,17 +227,6 @@ def _config(a, name: str, **kw) -> TrainConfig:
                        grad_clip=a.grad_clip, eval_every=a.eval_every, eval_tokens=a.eval_tokens or None,
                        full_final_eval=a.full_final_eval, device=a.device, compile=a.compile, out_dir=a.out_dir,
                        model_overrides=_overrides(name, a.set), data=_mix(a), **kw)
-
-
-def _train(a) -> dict:
-    c = _config(a, a.model, model=a.model, seed=a.seed, sample_tokens=a.sample_tokens)
-    path = Path(c.out_dir) / "checkpoint.safetensors"
-    resume = path if a.resume == "auto" else a.resume
-    if a.allow_changes and resume is None: raise ValueError("--allow-changes: goes with --resume")
-    if path.exists() and not a.overwrite and (resume is None or Path(resume).resolve() != path.resolve()):
-        raise ValueError(f"--out-dir {c.out_dir} holds a checkpoint already: --resume to continue it, --overwrite to "
-                         "replace it, or another --out-dir")
-    return train(c, resume=resume, progress=not a.no_progress, allow_changes=a.allow_changes)
 
 
 def _generate(a) -> str:
@@ -197,6 +246,92 @@ def _generate(a) -> str:
         print(f"mice generate: note: the {a.tokens} generated tokens are all white space; try another --prompt "
               "or a --temperature above 0", file=sys.stderr)
     return text
+
+# %% ../nbs/10_cli.ipynb #df613cb3
+def _field_path(model: str, flag: str, paths: tuple[str, ...]) -> str:
+    "The first of `paths` (config field paths) that model `model`'s config has, else a clear error for `flag`."
+    config = MODELS[model]
+    for path in paths:
+        node, ok = config, True
+        for part in path.split("."):
+            node = getattr(node, part, None)
+            if node is None:
+                ok = False
+                break
+        if ok: return path
+    raise ValueError(f"{flag}: model {model!r} has no {' or '.join(paths)} (it does not apply to this model)")
+
+
+def _shape_overrides(a, overrides: dict) -> dict:
+    "The model-shape flags (`--hidden-dim`, ...) merged into the `--set` overrides; the same field twice is refused."
+    flags = {"--hidden-dim": (a.hidden_dim, ("dim",)), "--num-heads": (a.num_heads, ("n_heads",)),
+             "--experts-num": (a.experts_num, ("moe.n_experts", "experts.n_experts", "n_experts")),
+             "--k-experts": (a.k_experts, ("moe.top_k", "top_k")),
+             "--nuanced-routing": (a.nuanced_routing or None, ("nuanced_routing",))}
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in overrides.items()}
+    for flag, (value, paths) in flags.items():
+        if value is None: continue
+        *parents, leaf = _field_path(a.model, flag, paths).split(".")
+        node = out
+        for p in parents: node = node.setdefault(p, {})
+        if leaf in node: raise ValueError(f"{flag} {value} conflicts with --set {'.'.join([*parents, leaf])}")
+        node[leaf] = value
+    return out
+
+
+def _stages(a) -> list | None:
+    "The stages that `--config`, `--stages`, `--stage-map`, `--stage-steps` and `--skip-setup` ask for (or None)."
+    if a.config and a.stages: raise ValueError("--config and --stages both give the stages to train in; pick one")
+    if not (a.config or a.stages):
+        for flag, on in (("--stage-map", a.stage_map), ("--stage-steps", a.stage_steps is not None),
+                         ("--skip-setup", a.skip_setup)):
+            if on: raise ValueError(f"{flag} applies to staged runs: add --config FILE or --stages PRESET")
+        return None
+    if a.stages is not None and a.stages not in STAGE_PRESETS:
+        raise ValueError(f"--stages: unknown preset {a.stages!r}; expected one of: {', '.join(STAGE_PRESETS)}")
+    stages = load_stages(a.config) if a.config else STAGE_PRESETS[a.stages]()
+    mapping = {}
+    for item in a.stage_map:
+        old, eq, new = item.partition("=")
+        if not (eq and old and new): raise ValueError(f"--stage-map: expected OLD=NEW, got {item!r}")
+        mapping[old] = new
+    stages = map_patterns(stages, mapping)
+    if a.skip_setup:
+        if not any(s.setup for s in stages): raise ValueError("--skip-setup: these stages have no setup stage")
+        stages = [s for s in stages if not s.setup]
+    if a.stage_steps is not None:
+        if "steps" in a._given: raise ValueError("--stage-steps conflicts with --steps: give one of them")
+        stages = [replace(s, steps=a.stage_steps) for s in stages]
+    elif "steps" in a._given and all(s.steps is not None for s in stages):
+        raise ValueError(f"--steps conflicts with the stage file, whose stages set their steps "
+                         f"({sum(s.steps for s in stages)} in all)")
+    return stages
+
+
+def train_config(a) -> TrainConfig:
+    "The `TrainConfig` that `mice train`'s arguments `a` ask for (every flag checked, conflicts refused)."
+    a._given = getattr(a, "_given", None) or {}
+    if a.validation_steps is not None:
+        if "eval_tokens" in a._given: raise ValueError("--validation-steps conflicts with --eval-tokens: give one")
+        a.eval_tokens = check_int("--validation-steps", a.validation_steps) * a.batch_size * a.seq_len
+    if a.parallel == "fsdp" and "WORLD_SIZE" not in os.environ:
+        raise ValueError("--parallel fsdp: needs processes launched by torchrun (e.g. torchrun --nproc-per-node 2)")
+    c = _config(a, a.model, model=a.model, seed=a.seed, sample_tokens=a.sample_tokens, schedule=a.schedule,
+                decay_frac=a.decay_frac, grad_accum=a.grad_accum, parallel=a.parallel, amp=not a.amp_off,
+                flash_attention=not a.flash_attention_off, stages=_stages(a))
+    c.model_overrides = _shape_overrides(a, c.model_overrides)
+    return c
+
+
+def _train(a) -> dict:
+    c = train_config(a)
+    path = Path(c.out_dir) / "checkpoint.safetensors"
+    resume = path if a.resume == "auto" else a.resume
+    if a.allow_changes and resume is None: raise ValueError("--allow-changes: goes with --resume")
+    if path.exists() and not a.overwrite and (resume is None or Path(resume).resolve() != path.resolve()):
+        raise ValueError(f"--out-dir {c.out_dir} holds a checkpoint already: --resume to continue it, --overwrite to "
+                         "replace it, or another --out-dir")
+    return train(c, resume=resume, progress=not a.no_progress, allow_changes=a.allow_changes)
 
 # %% ../nbs/10_cli.ipynb #5a0f7e1c
 def _compare(a) -> dict:
@@ -242,3 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mice {command}: error: {cli_message(e)}", file=sys.stderr)
         return 2
     return 0
+
+# %% ../nbs/10_cli.ipynb #62c42b38
+#| eval: false
+if __name__ == "__main__": sys.exit(main())     # python -m mice.cli (as torchrun -m mice.cli runs it)

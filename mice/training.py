@@ -4,15 +4,16 @@
 
 # %% ../nbs/07_training_stages.ipynb #e67bb8b6
 from __future__ import annotations
-import contextlib, hashlib, json, math, os, time
-from dataclasses import asdict, dataclass, field
+import contextlib, fnmatch, hashlib, json, math, os, time
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Literal, get_args
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .utils import atomic_write, autocast, check_int, check_number, config_from_dict
+from .utils import atomic_write, autocast, check_choice, check_int, check_number, config_from_dict
 from .data import (EOT, bits_per_byte, get_batch, iter_eval_batches, load_tokenizer, token_bytes, token_ids,
                        tokenizer_digest)
 from .models import (FAMILIES, MODELS, PRESETS, Decoder, DecoderConfig, build_model, family_of, from_flat_config,
@@ -20,9 +21,13 @@ from .models import (FAMILIES, MODELS, PRESETS, Decoder, DecoderConfig, build_mo
 from .sources import MixedLoader, check_mix, source_ids
 
 # %% auto #0
-__all__ = ['PLAYS', 'CKPT_FORMAT', 'check_device', 'TrainConfig', 'lr_at', 'save_checkpoint', 'Checkpoint', 'load_checkpoint',
-           'load_state', 'config_from_meta', 'model_meta', 'load_model', 'evaluate', 'evaluate_sources', 'setup_device',
-           'make_optimizer', 'parallelize', 'TrainStep', 'check_resume', 'Trainer', 'train', 'sample_text']
+__all__ = ['PLAYS', 'Schedule', 'Parallel', 'CKPT_FORMAT', 'LOSSES', 'STAGE_PRESETS', 'check_device', 'TrainConfig',
+           'schedule_lr', 'lr_at', 'save_checkpoint', 'Checkpoint', 'load_checkpoint', 'load_state', 'config_from_meta',
+           'model_meta', 'load_model', 'evaluate', 'evaluate_sources', 'setup_device', 'make_optimizer', 'parallelize',
+           'is_sharded', 'full_state', 'shard_optimizer_state', 'extra_loss', 'grad_sync', 'TrainStep', 'check_resume',
+           'forward_context', 'Trainer', 'train', 'sample_text', 'read_metrics', 'plot_metrics', 'Stage',
+           'stage_from_dict', 'resolve_stages', 'stage_at', 'mgm_stages', 'map_patterns', 'load_stages', 'stage_mask',
+           'apply_stage', 'check_stages', 'ComplexFilteredGradScaler']
 
 # %% ../nbs/07_training_stages.ipynb #c0ee349b
 PLAYS = {"plays": 1.0}   # the default data: the plays alone, read by `get_batch`
@@ -67,12 +72,21 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)   # fields of the model's config; nested ones as dicts
     data: dict = field(default_factory=lambda: dict(PLAYS))  # source -> weight (mice.sources); plays: get_batch
 
+    schedule: str = "cosine"            # "cosine" or "wsd" (warm-up, stable, decay)
+    decay_frac: float = 0.2             # wsd: the share of the steps spent decaying
+    grad_accum: int = 1                 # micro-batches per optimizer step (batch_size is split into them)
+    parallel: str = "ddp"               # how several processes share the work: "ddp" or "fsdp"
+    amp: bool = True                    # bf16 autocast on a GPU (False: float32 everywhere)
+    flash_attention: bool = True        # False: attention through SDPA's math kernel only
+    stages: list | None = None          # Stage fields as dicts; None: one stage in which everything trains
+
+
     def __post_init__(self):
         "Every field is checked here, once: a bad value gets one `ValueError` that names the field."
         for name, registry in (("model", MODELS), ("preset", PRESETS)):
             if (value := getattr(self, name)) not in registry:
                 raise ValueError(f"{name}: unknown {name} {value!r}; expected one of: {', '.join(registry)}")
-        for name in ("steps", "batch_size", "seq_len", "eval_every"): check_int(name, getattr(self, name))
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "grad_accum"): check_int(name, getattr(self, name))
         for name in ("warmup", "seed", "sample_tokens"): check_int(name, getattr(self, name), low=0)
         if self.eval_tokens is not None: check_int("eval_tokens", self.eval_tokens)
         check_number("lr", self.lr, gt=0, lt=math.inf)
@@ -81,18 +95,50 @@ class TrainConfig:
         check_number("weight_decay", self.weight_decay, ge=0, lt=math.inf)
         check_number("grad_clip", self.grad_clip, gt=0)           # inf: no clipping
         check_device("device", self.device, available=False)
-        for name in ("full_final_eval", "compile"):
+        for name in ("full_final_eval", "compile", "amp", "flash_attention"):
             if not isinstance(getattr(self, name), bool) and not (name == "compile" and self.compile is None):
                 raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if not isinstance(self.model_overrides, dict):
             raise ValueError(f"model_overrides: expected a dict, got {type(self.model_overrides).__name__}")
 
+        check_choice("schedule", self.schedule, get_args(Schedule))
+        check_choice("parallel", self.parallel, get_args(Parallel))
+        check_number("decay_frac", self.decay_frac, gt=0, le=1)
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"grad_accum: batch_size={self.batch_size} does not split into {self.grad_accum} "
+                             "equal micro-batches")
+        if self.stages is not None: self.stages, self.steps = resolve_stages(self.stages, self.steps)
+
+
+# %% ../nbs/07_training_stages.ipynb #7cbf1592
+Schedule = Literal["cosine", "wsd"]
+Parallel = Literal["ddp", "fsdp"]
+
+
+def schedule_lr(step: int, steps: int, lr: float, warmup: int, min_lr_ratio: float, schedule: str = "cosine",
+                decay_frac: float = 0.2) -> float:
+    """Learning rate at `step` of `steps`: linear warm-up for `warmup` steps, then `cosine` decay to
+    `min_lr_ratio * lr` at `steps`, or `wsd`: stable at `lr`, then linear decay over the last `decay_frac` of steps."""
+    if step < warmup: return lr * (step + 1) / warmup
+    if schedule == "cosine":
+        t = (step - warmup) / max(1, steps - warmup)
+        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+    start = max(warmup, steps - max(1, round(decay_frac * steps)))
+    if step < start: return lr
+    return lr * (1 - (1 - min_lr_ratio) * min(1.0, (step - start) / max(1, steps - start)))
+
 
 def lr_at(step: int, c: TrainConfig) -> float:
-    "Linear warm-up for `c.warmup` steps, then cosine decay from `c.lr` to `c.min_lr_ratio * c.lr` at `c.steps`."
-    if step < c.warmup: return c.lr * (step + 1) / c.warmup
-    t = (step - c.warmup) / max(1, c.steps - c.warmup)
-    return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+    """The learning rate of optimizer step `step` of run `c`: its schedule over `c.steps` (warm-up, then cosine or
+    wsd down to `c.min_lr_ratio * c.lr`), or, in a staged run, the schedule of the stage that `step` falls in."""
+    if c.stages:
+        i, start = stage_at(c.stages, step)
+        s = c.stages[i]
+        warm = min(c.warmup, s["steps"] // 2) if s["warmup"] is None else s["warmup"]
+        return schedule_lr(step - start, s["steps"], s["lr"] or c.lr, warm,
+                           c.min_lr_ratio if s["min_lr_ratio"] is None else s["min_lr_ratio"],
+                           s["schedule"] or c.schedule, c.decay_frac)
+    return schedule_lr(step, c.steps, c.lr, c.warmup, c.min_lr_ratio, c.schedule, c.decay_frac)
 
 # %% ../nbs/07_training_stages.ipynb #f6587fa7
 CKPT_FORMAT = "mice-checkpoint/1"
@@ -108,20 +154,22 @@ def _digest(tensors: dict[str, Tensor], header: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+def save_checkpoint(path: str | Path, model: nn.Module | dict, optimizer: torch.optim.Optimizer | dict | None = None,
                     step: int = 0, meta: dict | None = None) -> Path:
-    """Atomically write model (and optimizer) state, `step` and the RNG state to `path` (safetensors), with a digest.
-    Without `meta`, a library model records what `load_model` needs to rebuild it (`model_meta`)."""
+    """Atomically write model (and optimizer) state, `step` and the RNG state to `path` (safetensors), with a digest;
+    `model` and `optimizer` may be given as their state dicts (e.g. gathered from shards by `full_state`). Without
+    `meta`, a library model records what `load_model` needs to rebuild it (`model_meta`)."""
     from safetensors.torch import save
     if meta is None and isinstance(model, Decoder): meta = model_meta(None, model)
     tensors, seen = {}, set()
-    for k, v in model.state_dict().items():          # tied weights: keep the first name of each storage
+    state = model if isinstance(model, dict) else model.state_dict()
+    for k, v in state.items():                        # tied weights: keep the first name of each storage
         if (key := (v.data_ptr(), v.shape)) not in seen:
             seen.add(key)
             tensors[f"model.{k}"] = v.detach().cpu().contiguous()
     groups = None
     if optimizer is not None:
-        sd = optimizer.state_dict()
+        sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
         for i, state in sd["state"].items():
             for name, v in state.items(): tensors[f"optim.{i}.{name}"] = torch.as_tensor(v).cpu().contiguous()
         groups = sd["param_groups"]
@@ -241,10 +289,11 @@ def evaluate_sources(model: nn.Module, ids: dict, nbytes: Tensor, batch_size: in
 
 # %% ../nbs/07_training_stages.ipynb #122f6b66
 def setup_device(c: TrainConfig) -> tuple[torch.device, int, int, bool]:
-    "(device, world size, rank, whether we created the process group); joins it when launched by torchrun."
+    """(device, world size, rank, whether we created the process group); joins it when launched by torchrun with
+    several processes, or with one when `c.parallel == "fsdp"` (so FSDP can be checked on a single GPU)."""
     world, rank, created = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), False
     dev = str(check_device("device", c.device))
-    if world > 1:
+    if world > 1 or (c.parallel == "fsdp" and "WORLD_SIZE" in os.environ):
         import torch.distributed as dist
         local = int(os.environ.get("LOCAL_RANK", 0))
         if dev.startswith("cuda"):
@@ -264,31 +313,129 @@ def make_optimizer(model: nn.Module, c: TrainConfig, device) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=c.lr, betas=(0.9, 0.95), fused=torch.device(device).type == "cuda")
 
 
-def parallelize(model: nn.Module, device, *, compile: bool, world: int = 1) -> nn.Module:
-    "The module to call for training: `model` under DDP when `world > 1`, then `torch.compile` if asked."
+def parallelize(model: nn.Module, device, *, compile: bool, world: int = 1, parallel: str = "ddp") -> nn.Module:
+    """The module to call for training: `model` under DDP when `world > 1`, or sharded in place by FSDP2
+    (`fully_shard` on every block, then on the whole) when `parallel == "fsdp"` and a process group is up; then
+    `torch.compile` if asked. Build the optimizer after this: FSDP2 replaces the parameters by sharded ones."""
+    check_choice("parallel", parallel, get_args(Parallel))
     net = model
-    if world > 1:
+    device = torch.device(device)
+    if parallel == "fsdp" and torch.distributed.is_available() and torch.distributed.is_initialized():
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+        for block in getattr(model, "blocks", []): fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    elif world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        device = torch.device(device)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(net) if compile else net
 
+# %% ../nbs/07_training_stages.ipynb #adc25e9a
+def is_sharded(model: nn.Module) -> bool:
+    "Whether `model` holds parameters sharded across processes (FSDP2 `DTensor`s)."
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict | None]:
+    """Model and optimizer state dicts with every sharded tensor gathered whole: a collective, so every process
+    calls it, in the same order. A tied parameter is gathered once and appears under each of its names."""
+    from torch.distributed.tensor import DTensor
+    owner = {k: p for k, p in model.named_parameters(remove_duplicate=False)}
+    cache = {}
+    def whole(v, key):
+        if not isinstance(v, DTensor): return v
+        if key not in cache: cache[key] = v.full_tensor().detach()
+        return cache[key]
+    msd = {k: whole(v, id(owner.get(k, v))) for k, v in model.state_dict().items()}
+    if optimizer is None: return msd, None
+    sd = optimizer.state_dict()
+    # the same order on every process (a loaded state's order may differ between processes)
+    state = {i: {n: whole(sd["state"][i][n], (i, n)) for n in sorted(sd["state"][i])} for i in sorted(sd["state"])}
+    return msd, {"state": state, "param_groups": sd["param_groups"]}
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> dict:
+    """A whole optimizer state dict (a checkpoint's, which every process has read) cut locally, without
+    communication, to the shards of the optimizer's (FSDP2) parameters."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for i, s in sd["state"].items():
+        p = params[int(i)]
+        state[i] = {n: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                    if isinstance(p, DTensor) and v.shape == p.shape else v for n, v in s.items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
 # %% ../nbs/07_training_stages.ipynb #76181295
+LOSSES = {"aux": lambda model: getattr(model, "aux_loss", 0.0)}   # extra losses a stage can weigh, by name
+
+
+def extra_loss(model: nn.Module, weights: dict | None):
+    "The extra losses of a stage: `weights` by name (`LOSSES`); None: the model's auxiliary loss at weight 1."
+    if weights is None: return getattr(model, "aux_loss", 0.0)
+    return sum(w * LOSSES[name](model) for name, w in weights.items())
+
+
+def grad_sync(net: nn.Module, on: bool):
+    "A context in which backward passes of `net` reduce gradients across processes (`on`) or only accumulate them."
+    inner = getattr(net, "_orig_mod", net)                  # under torch.compile
+    if on: return contextlib.nullcontext()
+    if hasattr(inner, "no_sync"): return inner.no_sync()     # DDP
+    if hasattr(inner, "set_requires_gradient_sync"):         # FSDP2
+        inner.set_requires_gradient_sync(False)
+        return _restore_sync(inner)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _restore_sync(module):
+    try: yield
+    finally: module.set_requires_gradient_sync(True)
+
+
 class TrainStep:
-    "One optimizer step as the trainer takes it: lr, forward (autocast), loss + aux loss, backward, clip, AdamW."
+    """One optimizer step as the trainer takes it: lr, forward (autocast), loss + extra losses, backward (over
+    `grad_accum` micro-batches), clip, optimizer step (through `scaler` if one is given)."""
     def __init__(self, model: nn.Module, net: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
-                 autocast=contextlib.nullcontext):
+                 autocast=contextlib.nullcontext, grad_accum: int = 1, losses: dict | None = None, scaler=None):
         self.model, self.net, self.optimizer, self.grad_clip, self.autocast = model, net, optimizer, grad_clip, autocast
+        self.grad_accum, self.losses, self.scaler = check_int("grad_accum", grad_accum), losses, scaler
+
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        "The training loss on `(x, y)`: cross-entropy in float32 plus the extra losses (`extra_loss`)."
+        with self.autocast(): logits = self.net(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) + extra_loss(self.model, self.losses)
+
+    def backward(self, x: Tensor, y: Tensor) -> Tensor:
+        "Gradients of the mean loss over `grad_accum` equal micro-batches of `(x, y)`; returns that loss."
+        n, scale = self.grad_accum, (self.scaler.scale if self.scaler is not None else lambda t: t)
+        if n == 1:
+            loss = self.loss(x, y)
+            scale(loss).backward()
+            return loss
+        if x.shape[0] % n:
+            raise ValueError(f"grad_accum: a batch of {x.shape[0]} does not split into {n} micro-batches")
+        total = 0.0
+        for i, (xi, yi) in enumerate(zip(x.chunk(n), y.chunk(n))):
+            with grad_sync(self.net, i == n - 1):
+                li = self.loss(xi, yi)
+                scale(li / n).backward()
+            total = total + li.detach()
+        return total / n
 
     def __call__(self, x: Tensor, y: Tensor, lr: float | None = None) -> Tensor:
         "Train on inputs `x` and targets `y` [B, T]; returns the loss (a tensor: no host sync)."
         if lr is not None:
             for g in self.optimizer.param_groups: g["lr"] = lr
-        with self.autocast(): logits = self.net(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) + getattr(self.model, "aux_loss", 0.0)
-        loss.backward()
+        loss = self.backward(x, y)
+        if self.scaler is not None: self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else: self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
@@ -311,6 +458,16 @@ def check_resume(c: TrainConfig, path: str | Path, allow_changes: bool = False) 
     return ck
 
 # %% ../nbs/07_training_stages.ipynb #99d0830b
+@contextlib.contextmanager
+def forward_context(device, dtype, flash_attention: bool = True):
+    "Autocast to `dtype` (none for float32) and, unless `flash_attention`, attention through SDPA's math kernel only."
+    with autocast(device, dtype):
+        if flash_attention: yield
+        else:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            with sdpa_kernel(SDPBackend.MATH): yield
+
+
 class Trainer:
     "A training run in pieces: set up here; then `step`, `evaluate`, `save`, and `run` for the whole loop."
     def __init__(self, c: TrainConfig, resume: str | Path | None = None, allow_changes: bool = False):
@@ -335,41 +492,81 @@ class Trainer:
         torch.manual_seed(c.seed)
         shape = {"vocab_size": self.tok.get_vocab_size(), "max_seq_len": max(c.seq_len, 1024)}
         self.model = build_model(c.model, c.preset, **{**shape, **c.model_overrides}).to(self.device)
-        self.optimizer = make_optimizer(self.model, c, self.device)
-        self.start = 0 if ck is None else self._resume(ck, resume)
+        self.stages, self.stage = c.stages, None
+        if self.stages: check_stages(self.model, self.stages)
+        if ck is not None: self._resume_model(ck, resume)
         cuda = self.device.type == "cuda"
-        self.autocast = lambda: autocast(self.device, torch.bfloat16 if cuda else torch.float32)
-        self.net = parallelize(self.model, self.device, compile=c.compile if c.compile is not None else cuda,
-                               world=self.world)
-        self.train_step = TrainStep(self.model, self.net, self.optimizer, c.grad_clip, self.autocast)
+        dtype = torch.bfloat16 if cuda and c.amp else torch.float32
+        self.autocast = lambda: forward_context(self.device, dtype, c.flash_attention)
+        self.compile = c.compile if c.compile is not None else cuda
+        self.net = parallelize(self.model, self.device, compile=self.compile, world=self.world, parallel=c.parallel)
+        self.sharded = is_sharded(self.model)
+        self.optimizer = make_optimizer(self.model, c, self.device)     # after parallelize: FSDP2 swaps parameters
+        self.start = 0 if ck is None else self._resume_state(ck)
+        self.train_step = TrainStep(self.model, self.net, self.optimizer, c.grad_clip, self.autocast, c.grad_accum)
         self.meta = {**model_meta(c.model, self.model), "train_config": asdict(c), "tokenizer": tokenizer_digest()}
         self.path = Path(c.out_dir) / "checkpoint.safetensors"
-        self.history = []
+        self.metrics_path = Path(c.out_dir) / "metrics.jsonl"
+        self.history, self._log = [], print
 
-    def _resume(self, ck: Checkpoint, path) -> int:
-        "Load model, optimizer and RNG state from checkpoint `ck` (read from `path`); returns its step."
+    def _resume_model(self, ck: Checkpoint, path) -> Checkpoint:
+        "Load the weights of checkpoint `ck` (from `path`) after checking it holds this run's model and stages."
         try: saved = config_from_meta(ck.meta)
         except (TypeError, ValueError) as e: raise ValueError(f"checkpoint {path}: {e}") from None
         if ck.meta.get("model") != self.c.model or saved != self.model.config:
             diff = [k for k in asdict(self.model.config) if getattr(saved, k, None) != getattr(self.model.config, k)]
             raise ValueError(f"checkpoint {path} holds model {ck.meta.get('model')!r}, which does not match "
                              f"{self.c.model!r}" + (f" (differs in {', '.join(diff)})" if diff else ""))
+        stages = (ck.meta.get("train_config") or {}).get("stages")
+        if json.dumps(stages) != json.dumps(self.c.stages):
+            names = lambda ss: [s["name"] for s in ss] if ss else "none"
+            raise ValueError(f"checkpoint {path} was trained with stages {names(stages)}, this run asks for "
+                             f"{names(self.c.stages)} (or other stage settings): resume with the same stages")
         load_state(self.model, ck.model)
-        self.optimizer.load_state_dict(ck.optimizer)
+        return ck
+
+    def _resume_state(self, ck: Checkpoint) -> int:
+        "Load the optimizer and RNG state of `ck` (cut to shards under FSDP2); returns its step."
+        self.optimizer.load_state_dict(shard_optimizer_state(self.optimizer, ck.optimizer) if self.sharded
+                                       else ck.optimizer)
         torch.set_rng_state(ck.rng)
         if self.loader is not None and "data_state" in ck.meta: self.loader.load_state_dict(ck.meta["data_state"])
         return ck.step
 
 # %% ../nbs/07_training_stages.ipynb #19557db1
+def _batch(self, step: int) -> tuple[Tensor, Tensor]:
+    """The batch of optimizer step `step` on this process: its share (rows `rank*B` to `(rank+1)*B`) of the global
+    batch of `B * world` windows drawn from `(seed, step)` (or the mixed stream's next batch), so any number of
+    processes trains on the same data."""
+    c, b = self.c, self.c.batch_size
+    if self.loader is not None:                        # the stream's next batch (of b * world rows); this rank's rows
+        return tuple(t[self.rank * b:(self.rank + 1) * b].to(self.device, non_blocking=True)
+                     for t in self.loader.next_batch())
+    if self.world == 1: return get_batch(self.train_ids, b, c.seq_len, step, c.seed, self.device)
+    x, y = get_batch(self.train_ids, b * self.world, c.seq_len, step, c.seed, self.device)
+    return x[self.rank * b:(self.rank + 1) * b], y[self.rank * b:(self.rank + 1) * b]
+
+
+def _enter_stage(self, step: int):
+    "Switch to the stage that step `step` falls in, if it is not the current one: freeze, unfreeze, set its losses."
+    i, start = stage_at(self.stages, step)
+    if i == self.stage: return
+    s = self.stages[i]
+    trained, frozen = apply_stage(self.model, s)
+    self.train_step.losses = s["losses"]
+    if self.world > 1 and not self.sharded:       # DDP reduces only the parameters that trained when it was built
+        self.net = self.train_step.net = parallelize(self.model, self.device, compile=self.compile, world=self.world)
+    self.stage = i
+    if self.rank == 0:
+        self._log(f"stage {i + 1}/{len(self.stages)} {s['name']}: steps {start}-{start + s['steps']}, "
+                  f"{trained:,} parameters train, {frozen:,} frozen")
+
+
 def _step(self, step: int) -> Tensor:
-    "Optimizer step `step` on its batch; returns the loss (a tensor)."
-    c = self.c
-    if self.loader is None:
-        x, y = get_batch(self.train_ids, c.batch_size, c.seq_len, step * self.world + self.rank, c.seed, self.device)
-    else:                                                  # the stream's next batch; this rank's rows of it
-        rows = slice(self.rank * c.batch_size, (self.rank + 1) * c.batch_size)
-        x, y = (t[rows].to(self.device, non_blocking=True) for t in self.loader.next_batch())
-    return self.train_step(x, y, lr_at(step, c))
+    "Optimizer step `step` on its batch (in its stage, for a staged run); returns the loss (a tensor)."
+    if self.stages: self._enter_stage(step)
+    x, y = self.batch(step)
+    return self.train_step(x, y, lr_at(step, self.c))
 
 
 def _evaluate(self, full: bool = False) -> dict:
@@ -383,36 +580,67 @@ def _evaluate(self, full: bool = False) -> dict:
 
 
 def _save(self, step: int) -> Path:
-    "Write the checkpoint of step `step` (model, optimizer, RNG, meta and the data stream's state) atomically."
+    """Write the checkpoint of step `step` (model, optimizer, RNG, meta, the data stream's state; for a staged run
+    the stage it is in) atomically. Under FSDP2 every process must call it (the shards are gathered);
+    process 0 writes."""
     meta = self.meta if self.loader is None else {**self.meta, "data_state": self.loader.state_dict()}
-    return save_checkpoint(self.path, self.model, self.optimizer, step, meta)
+    if self.stages:
+        i, start = stage_at(self.stages, step)
+        meta = {**meta, "stage": {"index": i, "name": self.stages[i]["name"], "start": start,
+                                  "end": start + self.stages[i]["steps"]}}
+    model, optim = full_state(self.model, self.optimizer) if self.sharded else (self.model, self.optimizer)
+    if self.rank != 0: return self.path
+    return save_checkpoint(self.path, model, optim, step, meta)
 
 
-Trainer.step, Trainer.evaluate, Trainer.save = _step, _evaluate, _save
+Trainer.batch, Trainer._enter_stage, Trainer.step = _batch, _enter_stage, _step
+Trainer.evaluate, Trainer.save = _evaluate, _save
 
 # %% ../nbs/07_training_stages.ipynb #b02936b7
+def _metric(self, record: dict):
+    "Append one record to `<out_dir>/metrics.jsonl` (process 0 only)."
+    if self.rank != 0: return
+    self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(self.metrics_path, "a") as f: f.write(json.dumps(record) + "\n")
+
+
+def _open_metrics(self):
+    "Start `metrics.jsonl`: empty for a new run; for a resumed one, keep the records up to the resumed step."
+    if self.rank != 0: return
+    old = self.metrics_path.read_text().splitlines() if self.metrics_path.is_file() and self.start else []
+    keep = [line for line in old if line.strip() and json.loads(line)["step"] <= self.start]
+    self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(self.metrics_path, "".join(line + "\n" for line in keep).encode())
+
+
 def _after_step(self, step: int, end: int, loss: Tensor, bar, t0: float):
-    """Show the loss every 10 steps; evaluate and save every `eval_every` steps and at `end` (the whole split last).
-    A loss that is not finite stops the run before it can be saved."""
+    """Show and record the loss every 10 steps; evaluate, record and save every `eval_every` steps and at `end`
+    (the whole split last). A loss that is not finite stops the run before it can be saved."""
     c, last, stopping = self.c, step + 1 == self.c.steps, step + 1 == end
+    tokens = (step + 1) * c.batch_size * c.seq_len * self.world
+    stage = {"stage": self.stages[self.stage]["name"]} if self.stages else {}
     if (step + 1) % 10 == 0 or stopping or (step + 1) % c.eval_every == 0:
         lv = loss.item()
         if not math.isfinite(lv):
             raise FloatingPointError(f"training loss is {lv} at step {step}; lower lr (now {c.lr})")
-        bar.set_postfix(loss=f"{lv:.3f}")
+        if (step + 1) % 10 == 0 or stopping:
+            bar.set_postfix(loss=f"{lv:.3f}")
+            self._metric({"step": step + 1, "tokens": tokens, "lr": lr_at(step, c), "train_loss": lv, **stage})
     if (step + 1) % c.eval_every == 0 or stopping:
         full = last and c.full_final_eval
         ev = self.evaluate(full)
-        self.history.append({"step": step + 1, "tokens": (step + 1) * c.batch_size * c.seq_len * self.world,
-                             "train_loss": loss.item(), "val_bpb": ev["bpb"], "val_tokens": ev["tokens"],
-                             "seconds": time.perf_counter() - t0})
+        self.history.append({"step": step + 1, "tokens": tokens, "train_loss": loss.item(), "val_bpb": ev["bpb"],
+                             "val_tokens": ev["tokens"], "seconds": time.perf_counter() - t0})
         per = {n: e["bpb"] for n, e in ev.get("sources", {}).items()}
         if per: self.history[-1]["val_bpb_sources"] = per
+        self._metric({"step": step + 1, "tokens": tokens, "val_loss": ev["loss"], "val_bpb": ev["bpb"],
+                      "val_tokens": ev["tokens"], "val_bytes": ev["bytes"], "full": full, **stage,
+                      **({"val_bpb_sources": per} if per else {})})
         if self.rank == 0:
             bar.write(f"step {step + 1:5d}  train loss {loss.item():.3f}  val {ev['bpb']:.3f} bits/byte"
                       + ("  (full validation split)" if full else f"  (first {ev['tokens']:,} tokens)")
                       + "".join(f"  {n} {v:.3f}" for n, v in per.items()))
-            self.save(step + 1)
+        if self.rank == 0 or self.sharded: self.save(step + 1)
 
 
 def _run(self, stop_at: int | None = None, progress: bool = True, log=print) -> dict:
@@ -420,6 +648,7 @@ def _run(self, stop_at: int | None = None, progress: bool = True, log=print) -> 
     every `eval_every` steps and at the end, saving a checkpoint each time. Returns the run's results."""
     from tqdm.auto import tqdm
     c, main = self.c, self.rank == 0
+    self._log = log
     end = c.steps if stop_at is None else min(stop_at, c.steps)
     if main:                                        # before the bar, whose first frame would end this line
         sizes = (f"{len(self.train_ids):,} train / {len(self.val_ids):,} validation tokens" if self.loader is None else
@@ -428,31 +657,34 @@ def _run(self, stop_at: int | None = None, progress: bool = True, log=print) -> 
         log(f"{c.model}/{c.preset}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}; {sizes}"
             + (f"; resumed at step {self.start}" if self.start else ""))
     bar = tqdm(range(self.start, end), initial=self.start, total=c.steps, disable=not (progress and main), desc="train")
+    self._open_metrics()
     t0 = time.perf_counter()
     for step in bar: self._after_step(step, end, self.step(step), bar, t0)
     bar.close()
-    if self._own_group: torch.distributed.destroy_process_group()
     m, h = self.model, self.history
     result = {"val_bpb": h[-1]["val_bpb"] if h else None, "history": h, "checkpoint": str(self.path),
               "seconds": time.perf_counter() - t0, "params": m.num_params(), "params_no_embedding": m.num_params(False),
               "active_params_no_embedding": m.num_params(False, active=True), "model_config": asdict(m.config),
-              "mlp_hidden": getattr(m.config, "mlp_hidden", None)}
-    if main and c.sample_tokens: result["sample"] = sample_text(m, self.tok, "\n", c.sample_tokens, seed=c.seed)
+              "mlp_hidden": getattr(m.config, "mlp_hidden", None), "metrics": str(self.metrics_path)}
+    if (main or self.sharded) and c.sample_tokens:       # sharded: every process takes part in the forward passes
+        result["sample"] = sample_text(m, self.tok, "\n", c.sample_tokens, seed=c.seed)
     if main:
         log(f"validation: {result['val_bpb']:.3f} bits/byte after {end} steps ({result['seconds']:.0f} s); "
             f"checkpoint: {self.path}" + (f"\n--- sample ---\n{result['sample']}" if "sample" in result else ""))
+    if self._own_group: torch.distributed.destroy_process_group()
     return result
 
 
-Trainer._after_step, Trainer.run = _after_step, _run
+Trainer._metric, Trainer._open_metrics, Trainer._after_step, Trainer.run = _metric, _open_metrics, _after_step, _run
 
 
 def train(c: TrainConfig, resume: str | Path | None = None, stop_at: int | None = None, progress: bool = True,
           log=print, allow_changes: bool = False) -> dict:
     """Train `c.model` on the embedded corpus; evaluate validation bits per byte every `c.eval_every` steps; save
-    `<out_dir>/checkpoint.safetensors`. `resume` continues from a checkpoint exactly (same batches, same optimizer
-    state), and refuses settings other than the checkpoint's (but a larger `steps`) unless `allow_changes`;
-    `stop_at` ends the run early at that step (with a checkpoint), as an interruption would."""
+    `<out_dir>/checkpoint.safetensors` and `<out_dir>/metrics.jsonl`. `resume` continues from a checkpoint exactly
+    (same batches, same optimizer state, same stage), and refuses settings other than the checkpoint's (but a larger
+    `steps`) unless `allow_changes`; `stop_at` ends the run early at that step (with a checkpoint), as an interruption
+    would."""
     return Trainer(c, resume, allow_changes).run(stop_at, progress, log)
 
 
@@ -466,3 +698,201 @@ def sample_text(model: nn.Module, tok, prompt: str, n: int, temperature: float =
     out = generate(model, [ids], n, temperature, top_k, seed)[0]
     model.train(was_training)
     return tok.decode(out)
+
+# %% ../nbs/07_training_stages.ipynb #0df92194
+def read_metrics(path: str | Path) -> list[dict]:
+    "The records of a run's `metrics.jsonl` (`path` is the file or the run's directory)."
+    path = Path(path)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    if not path.is_file(): raise FileNotFoundError(f"metrics not found: {path}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(paths, ax=None, x: str = "tokens"):
+    """Loss curves of one or more runs (their `metrics.jsonl` files or directories): training loss (thin) and
+    validation bits per byte (markers, right axis) against `x` (`tokens` or `step`); returns the figure."""
+    import matplotlib.pyplot as plt
+    check_choice("x", x, ("tokens", "step"))
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    fig, ax = (plt.subplots(figsize=(7, 4)) if ax is None else (ax.figure, ax))
+    ax2 = ax.twinx()
+    for i, p in enumerate(paths):
+        rows, color = read_metrics(p), f"C{i}"
+        tr = [r for r in rows if "train_loss" in r]
+        ev = [r for r in rows if "val_bpb" in r]
+        ax.plot([r[x] for r in tr], [r["train_loss"] for r in tr], color=color, lw=0.8, alpha=0.6)
+        ax2.plot([r[x] for r in ev], [r["val_bpb"] for r in ev], "o-", color=color, ms=3, label=Path(p).name)
+    ax.set_xlabel(x)
+    ax.set_ylabel("training loss (nats/token, thin)")
+    ax2.set_ylabel("validation bits per byte (markers)")
+    ax2.legend(fontsize=8)
+    return fig
+
+# %% ../nbs/07_training_stages.ipynb #a4ece0a2
+@dataclass
+class Stage:
+    """One stage of a staged run: which parameters train (glob patterns over parameter names; a leading `!`
+    excludes), for how many steps, at which learning rate and schedule, with which extra losses and data mix."""
+    name: str
+    train: tuple = ("*",)               # fnmatch patterns: a parameter trains if it matches one and no `!` pattern
+    steps: int | None = None            # None: an equal share of the run's steps
+    lr: float | None = None             # peak learning rate; None: the run's
+    schedule: str | None = None         # "cosine" or "wsd" over the stage's steps; None: the run's
+    warmup: int | None = None           # None: the run's warm-up, at most half the stage
+    min_lr_ratio: float | None = None   # None: the run's
+    losses: dict | None = None          # weights of extra losses by name (LOSSES); None: {"aux": 1.0}
+    data: dict | None = None            # the data mix, source -> weight; None: the run's data
+    setup: bool = False                 # a calibration stage (left out by `--skip-setup`)
+
+    def __post_init__(self):
+        where = f"stage {self.name!r}"
+        if isinstance(self.train, str): self.train = (self.train,)
+        self.train = tuple(self.train)
+        if not self.train or not all(isinstance(p, str) and p.lstrip("!") for p in self.train):
+            raise ValueError(f"{where}: train: expected a list of glob patterns, got {list(self.train)!r}")
+        if not any(not p.startswith("!") for p in self.train):
+            raise ValueError(f"{where}: train: needs at least one pattern that is not an exclusion (!)")
+        if self.steps is not None: check_int(f"{where}: steps", self.steps)
+        if self.lr is not None: check_number(f"{where}: lr", self.lr, gt=0)
+        if self.schedule is not None: check_choice(f"{where}: schedule", self.schedule, get_args(Schedule))
+        if self.warmup is not None: check_int(f"{where}: warmup", self.warmup, low=0)
+        if self.min_lr_ratio is not None: check_number(f"{where}: min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
+        for name, w in (self.losses or {}).items():
+            check_choice(f"{where}: losses", name, tuple(LOSSES))
+            check_number(f"{where}: losses.{name}", w, ge=0)
+        if self.data is not None and self.data != {"plays": 1}:
+            raise ValueError(f"{where}: data mix {self.data!r} is not supported: only None (the run's data) or "
+                             "{'plays': 1} (the embedded plays)")
+
+
+def stage_from_dict(d: dict) -> Stage:
+    "A `Stage` from a dict of its fields (a stage file's entry); unknown fields are refused by name."
+    if isinstance(d, Stage): return d
+    if not isinstance(d, dict): raise ValueError(f"a stage must be a table of fields, got {d!r}")
+    if bad := sorted(set(d) - {f.name for f in fields(Stage)}):
+        raise ValueError(f"stage {d.get('name', '?')!r}: unknown field(s) {bad}; expected some of "
+                         f"{[f.name for f in fields(Stage)]}")
+    if "name" not in d: raise ValueError(f"a stage needs a name: {d!r}")
+    return Stage(**d)
+
+
+def resolve_stages(stages: list, steps: int) -> tuple[list[dict], int]:
+    """Stages as plain dicts (what a checkpoint records) with their steps filled in: stages without `steps` share
+    `steps` minus the explicit ones equally (the last takes the remainder); returns them and the total."""
+    if not isinstance(stages, (list, tuple)) or not stages:
+        raise ValueError("stages: expected a non-empty list of stages")
+    out = [stage_from_dict(s) for s in stages]
+    if len({s.name for s in out}) < len(out): raise ValueError(f"stages: names repeat: {[s.name for s in out]}")
+    free = [s for s in out if s.steps is None]
+    if free:
+        left = steps - sum(s.steps for s in out if s.steps is not None)
+        if left < len(free):
+            raise ValueError(f"stages: {steps} steps cannot be shared by {len(free)} stage(s) without steps "
+                             f"after {steps - left} explicit ones")
+        for i, s in enumerate(free): s.steps = left // len(free) + (left % len(free) if i == len(free) - 1 else 0)
+    dicts = [{**asdict(s), "train": list(s.train)} for s in out]
+    return dicts, sum(d["steps"] for d in dicts)
+
+
+def stage_at(stages: list[dict], step: int) -> tuple[int, int]:
+    "(index of the stage that optimizer step `step` falls in, the step at which that stage starts)."
+    start = 0
+    for i, s in enumerate(stages):
+        if step < start + s["steps"]: return i, start
+        start += s["steps"]
+    return len(stages) - 1, start - stages[-1]["steps"]
+
+
+# %% ../nbs/07_training_stages.ipynb #64d79f94
+def mgm_stages() -> list[Stage]:
+    "MGM's five stages: curvature calibration, reasoning warm-up, expert pretraining, gate training, joint finetuning."
+    return [Stage("curvature_calibration", ("*curvature*",), setup=True),
+            Stage("reasoning_warmup", ("*", "!*experts*", "!*router*", "!*curvature*")),
+            Stage("branch_pretrain", ("*experts*",)),
+            Stage("gate_train", ("*router*",)),
+            Stage("joint_finetune", ("*",))]
+
+
+STAGE_PRESETS = {"mgm": mgm_stages}
+
+
+def map_patterns(stages: list, mapping: dict[str, str]) -> list[Stage]:
+    "`stages` with their patterns renamed by `mapping` (old pattern -> new; `!` exclusions follow their pattern)."
+    out = []
+    for s in map(stage_from_dict, stages):
+        rename = lambda p: "!" + mapping.get(p[1:], p[1:]) if p.startswith("!") else mapping.get(p, p)
+        out.append(replace(s, train=tuple(rename(p) for p in s.train)))
+    return out
+
+
+def load_stages(path: str | Path) -> list[Stage]:
+    """The stages of a stage file: JSON (`{"stages": [...]}` or a list) or TOML (`[[stages]]` tables), each entry
+    the fields of a `Stage`."""
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"stage file not found: {path}")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+            data = tomllib.loads(path.read_text())
+        else: data = json.loads(path.read_text())
+    except ValueError as e: raise ValueError(f"stage file {path}: cannot be read ({e})") from None
+    stages = data.get("stages") if isinstance(data, dict) else data
+    if not isinstance(stages, list) or not stages:
+        raise ValueError(f"stage file {path}: expected a non-empty list of stages under 'stages'")
+    try: return [stage_from_dict(s) for s in stages]
+    except (TypeError, ValueError) as e: raise ValueError(f"stage file {path}: {e}") from None
+
+# %% ../nbs/07_training_stages.ipynb #b8385a13
+def stage_mask(model: nn.Module, stage: Stage) -> dict[str, bool]:
+    """Which parameters of `model` train in `stage` (by first name; a tied parameter trains if any of its names
+    matches). A pattern that matches no parameter, or a stage that trains nothing, is an error naming the stage."""
+    names = {}
+    for n, p in model.named_parameters(remove_duplicate=False): names.setdefault(id(p), []).append(n)
+    every = [n for ns in names.values() for n in ns]
+    for pat in stage.train:
+        if not any(fnmatch.fnmatchcase(n, pat.lstrip("!")) for n in every):
+            raise ValueError(f"stage {stage.name!r}: pattern {pat!r} matches no parameter of the model "
+                             f"(names look like {every[len(every) // 2]!r}); map the pattern to this model's modules "
+                             "or pick a model that has them")
+    keep = [p for p in stage.train if not p.startswith("!")]
+    drop = [p[1:] for p in stage.train if p.startswith("!")]
+    hit = lambda ns, pats: any(fnmatch.fnmatchcase(n, q) for n in ns for q in pats)
+    mask = {ns[0]: hit(ns, keep) and not hit(ns, drop) for ns in names.values()}
+    if not any(mask.values()): raise ValueError(f"stage {stage.name!r}: its patterns {list(stage.train)} train nothing")
+    return mask
+
+
+def apply_stage(model: nn.Module, stage: Stage | dict) -> tuple[int, int]:
+    """Freeze every parameter of `model` that `stage` does not train (`requires_grad=False`: no gradient, so AdamW
+    skips it and its moments and step count stay as they are); returns (trained, frozen) parameter counts."""
+    stage = stage_from_dict(stage)
+    mask = stage_mask(model, stage)
+    params = dict(model.named_parameters())
+    for n, on in mask.items(): params[n].requires_grad_(on)
+    return (sum(p.numel() for n, p in params.items() if mask[n]),
+            sum(p.numel() for n, p in params.items() if not mask[n]))
+
+
+def check_stages(model: nn.Module, stages: list) -> None:
+    "Refuse, before any training, a stage whose patterns do not fit `model` (the error names stage and pattern)."
+    for s in stages: stage_mask(model, stage_from_dict(s))
+
+# %% ../nbs/07_training_stages.ipynb #15db0b5f
+class ComplexFilteredGradScaler(torch.amp.GradScaler):
+    """`torch.amp.GradScaler` for optimizers that hold complex parameters: their gradients are unscaled and checked
+    for inf/NaN through a real view (`view_as_real`), with the stock kernel and the same `found_inf`, so an overflow
+    anywhere skips the whole step and the optimizer (any, e.g. AdamW) sees unscaled gradients."""
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
+        held = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None and p.grad.is_complex()]
+        grads = [p.grad for p in held]
+        for p in held: p.grad = None                       # the stock kernel has no complex implementation
+        try: per_device = super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
+        finally:
+            for p, g in zip(held, grads): p.grad = g
+        with torch.no_grad():
+            for g in grads:
+                dev = g.device
+                if dev not in per_device: per_device[dev] = found_inf if found_inf.device == dev else found_inf.to(dev)
+                torch._amp_foreach_non_finite_check_and_unscale_([torch.view_as_real(g)], per_device[dev],
+                                                                 inv_scale.to(dev))
+        return per_device
