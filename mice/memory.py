@@ -4,7 +4,6 @@
 
 # %% ../nbs/06_memory.ipynb #d63f2a1a
 from __future__ import annotations
-import math
 from dataclasses import dataclass
 import torch
 import torch.nn as nn
@@ -35,7 +34,7 @@ class MemoryConfig:
 
 @dataclass
 class MemoryState:
-    "One layer's memory between calls: `slots` [B, S, W], `usage` [B, S], the open segment's inputs `pending` [B, n, D]."
+    "A layer's memory between calls: `slots` [B, S, W], `usage` [B, S], the open segment's inputs `pending` [B, n, D]."
     slots: Tensor
     usage: Tensor
     pending: Tensor
