@@ -4,16 +4,18 @@
 
 # %% ../nbs/06_memory.ipynb #d63f2a1a
 from __future__ import annotations
+import math
 from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .utils import check_int, check_number, check_tensor
+from .utils import autocast, check_int, check_number, check_tensor
 from .blocks import Attention, RMSNorm, causal_mask
+from .data import mqar, passkey
 
 # %% auto #0
-__all__ = ['MemoryConfig', 'MemoryState', 'WorkingMemory', 'MemoryAttention']
+__all__ = ['RECALL_VOCAB', 'MemoryConfig', 'MemoryState', 'WorkingMemory', 'MemoryAttention', 'recall_batch', 'train_recall']
 
 # %% ../nbs/06_memory.ipynb #dd53faf4
 @dataclass(frozen=True)
@@ -142,3 +144,44 @@ class MemoryAttention(Attention):
             mems.append(slots)
         done = h.shape[1] // L * L
         return torch.stack(mems[:n], 1), MemoryState(slots, usage, h[:, done:])
+
+# %% ../nbs/06_memory.ipynb #e06e710e
+RECALL_VOCAB = 128
+
+
+def recall_batch(task: str, n: int, seq_len: int, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    "A batch of recall `task` ('mqar': 8 pairs, 'passkey': 5 digits) over a vocabulary of 128: x, y, mask."
+    if task == "mqar": return mqar(n, seq_len, RECALL_VOCAB, 8, g)
+    if task == "passkey": return passkey(n, seq_len, RECALL_VOCAB, 5, g)
+    raise ValueError(f"task: expected one of ('mqar', 'passkey'), got {task!r}")
+
+
+def train_recall(model: nn.Module, task: str, seq_len: int, steps: int, batch_size: int = 32, lr: float = 3e-3,
+                 seed: int = 0, eval_n: int = 512, device=None, dtype: torch.dtype = torch.float32) -> dict:
+    """Train `model` (ids -> logits, vocabulary 128) for `steps` AdamW steps on `task` at `seq_len` (loss on the scored
+    targets, plus the model's `aux_loss` if any), then its accuracy on `eval_n` held-out sequences."""
+    check_int("steps", steps), check_int("seq_len", seq_len)
+    device = torch.device(device or next(model.parameters()).device)
+    g, held_out = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(10_000 + seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi *
+                                                                                                        s / steps)))
+    model.train()
+    for _ in range(steps):
+        x, y, mask = (t.to(device) for t in recall_batch(task, batch_size, seq_len, g))
+        with autocast(device, dtype):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float()[mask], y[mask]) + getattr(model, "aux_loss", 0.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.eval()
+    right, total = 0, 0
+    with torch.no_grad(), autocast(device, dtype):
+        for _ in range(-(-eval_n // batch_size)):
+            x, y, mask = (t.to(device) for t in recall_batch(task, batch_size, seq_len, held_out))
+            right += (model(x).argmax(-1)[mask] == y[mask]).sum().item()
+            total += mask.sum().item()
+    return {"task": task, "seq_len": seq_len, "steps": steps, "accuracy": right / total, "final_loss": loss.item()}
