@@ -46,9 +46,10 @@ class WorkingMemory(nn.Module):
     """`slots` x `width` memory: a learned initial state, the read projection to keys and values of `n_kv_heads`
     heads of width `head_dim`, and the usage-gated soft write from a segment of `dim`-wide inputs."""
     def __init__(self, dim: int, slots: int, width: int, n_kv_heads: int, head_dim: int, decay: float = 0.9,
-                 eps: float = 1e-6):
+                 eps: float = 1e-6, segment: int = 128, n_heads: int | None = None):
         super().__init__()
         self.dim, self.n_slots, self.width = check_int("dim", dim), check_int("slots", slots), check_int("width", width)
+        self.segment, self.query_dim = check_int("segment", segment), (n_heads or n_kv_heads) * head_dim
         self.decay, self.head_dim, self.key_dim = decay, head_dim, n_kv_heads * head_dim
         self.init = nn.Parameter(torch.zeros(slots, width))
         self.norm = RMSNorm(width, eps)
@@ -85,6 +86,14 @@ class WorkingMemory(nn.Module):
         slots = slots + w[..., None] * (c - slots)
         return slots, self.decay * (usage + w - usage * w)
 
+    def flops_per_token(self) -> int:
+        """Forward FLOPs per token: the write projection of each token, the per-segment work on the slots (write query,
+        slot-to-token attention, gate, read projection) shared by the segment's tokens, and the queries' QK and AV
+        over the slots."""
+        S, W, kd, L = self.n_slots, self.width, self.key_dim, self.segment
+        per_segment = 2 * S * (W * kd + L * (kd + W) + 2 * W + W * 2 * kd)
+        return 2 * self.dim * (kd + W) + per_segment // L + 4 * S * self.query_dim
+
     def keys_values(self, slots: Tensor) -> tuple[Tensor, Tensor]:
         "Keys and values [..., H_kv, S, d_h] of the slots [..., S, W] (before QK-norm and RoPE)."
         k, v = self.read(self.norm(slots)).chunk(2, dim=-1)
@@ -100,7 +109,8 @@ class MemoryAttention(Attention):
         c = self.memory_config = memory or MemoryConfig()
         self.segment, self.n_slots = c.segment, c.slots
         self.memory = None if c.slots == 0 else \
-            WorkingMemory(dim, c.slots, c.width or dim, self.n_kv_heads, self.head_dim, c.decay, eps)
+            WorkingMemory(dim, c.slots, c.width or dim, self.n_kv_heads, self.head_dim, c.decay, eps, c.segment,
+                          n_heads)
 
     def forward(self, x: Tensor, pos: Tensor, kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
                 state: MemoryState | None = None) -> tuple[Tensor, MemoryState | None]:
