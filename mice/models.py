@@ -207,7 +207,7 @@ def topk_experts(c: DenseConfig) -> TopKMoE:
     m = c.moe
     return TopKMoE(c.dim, m.expert_width(c.mlp_hidden), m.n_experts, k=m.top_k,
                    capacity_factor=m.capacity_factor, balance_weight=m.balance_weight, z_weight=m.z_weight,
-                   shared_hidden=m.shared_hidden, out_std=c.residual_std)
+                   shared_hidden=m.shared_hidden, out_std=c.residual_std, bias_rate=m.bias_rate)
 
 
 class DenseBlock(nn.Module):

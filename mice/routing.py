@@ -7,9 +7,9 @@ __all__ = ['Route', 'ExpertImpl', 'MuOverride', 'Dispatch', 'Permute', 'modulo_t
            'token_counts', 'routing_table', 'expert_load', 'imbalance', 'sort_by_expert', 'GatherRows', 'grouped_mm_ok',
            'auto_impl', 'grouped_linear', 'GroupedExperts', 'moe_apply', 'reference_moe', 'reference_errors',
            'check_routed_input', 'check_mu_input', 'given_table', 'TokenRoutedMLP', 'mu_route', 'router_losses',
-           'capacity_keep', 'TopKMoE', 'LegacyTokenRoutedMLP', 'learned_router_load', 'RoutedConfig', 'MoEConfig',
-           'routing_stats', 'LoopMoE', 'sort_by_count', 'moe_apply_variant', 'VariantTokenRoutedMLP', 'balanced_ids',
-           'routing_suite']
+           'select_experts', 'update_expert_bias', 'capacity_keep', 'TopKMoE', 'LegacyTokenRoutedMLP',
+           'learned_router_load', 'RoutedConfig', 'MoEConfig', 'routing_stats', 'LoopMoE', 'sort_by_count',
+           'moe_apply_variant', 'VariantTokenRoutedMLP', 'balanced_ids', 'routing_suite']
 
 # %% ../nbs/03_token_routing.ipynb #f16f0506
 import functools, heapq, math
@@ -411,6 +411,29 @@ def router_losses(logits: Tensor, load: Tensor, n_slots: int) -> tuple[Tensor, T
     balance = logits.shape[-1] * (f * logits.softmax(-1).mean(0)).sum()
     return balance, torch.logsumexp(logits, -1).square().mean()
 
+# %% ../nbs/03_token_routing.ipynb #6a053a6c
+def select_experts(logits: Tensor, k: int, bias: Tensor | None = None,
+                   normalize: bool = False) -> tuple[Tensor, Tensor]:
+    """Top-`k` experts [N, k] of router `logits` [N, E] and their softmax weights [N, k] (renormalised over the `k` if
+    `normalize`). With a selection `bias` [E], experts are chosen by `logits + bias` but weighted by the unbiased
+    softmax (the bias gets no gradient and never scales an output)."""
+    p = logits.softmax(-1)
+    if bias is None: weight, expert = p.topk(k, dim=-1)
+    else:
+        expert = (logits + bias.to(logits.dtype)).topk(k, dim=-1).indices
+        weight = p.gather(-1, expert)
+    if normalize: weight = weight / weight.sum(-1, keepdim=True)
+    return expert, weight
+
+
+@torch.no_grad()
+def update_expert_bias(bias: Tensor, load: Tensor, rate: float) -> Tensor:
+    """In place, on the device: `bias += rate * sign(mean(load) - load)`, then re-centred to mean 0 (slots per expert
+    `load` [E] of the last call). Returns `bias`."""
+    load = load.float()
+    bias.add_(rate * torch.sign(load.mean() - load))
+    return bias.sub_(bias.mean())
+
 # %% ../nbs/03_token_routing.ipynb #e1b5d7a3
 def capacity_keep(expert: Tensor, n_experts: int, capacity_factor: float) -> Tensor:
     """Which slots [N, k] of `expert` [N, k] fit in their expert's capacity `ceil(capacity_factor N k / n_experts)`:
@@ -426,16 +449,17 @@ def capacity_keep(expert: Tensor, n_experts: int, capacity_factor: float) -> Ten
 class TopKMoE(nn.Module):
     """Softmax top-k mixture of SwiGLU experts on the same dispatch as `TokenRoutedMLP`. `forward(x [..., dim],
     token_ids=None) -> [..., dim]`; sets `aux_loss` (weighted balance + z-loss), `balance_loss`, `z_loss`, `load`,
-    `dropped`."""
+    `dropped`. `bias_rate` > 0: loss-free balancing by the selection bias `expert_bias` (`update_expert_bias`)."""
     def __init__(self, dim: int, hidden: int, n_experts: int, k: int = 1, capacity_factor: float | None = None,
                  balance_weight: float = 0.01, z_weight: float = 1e-3, normalize: bool | None = None,
                  shared_hidden: int = 0, impl: ExpertImpl = "auto", init_std: float = 0.02,
-                 out_std: float | None = None):
+                 out_std: float | None = None, bias_rate: float = 0.0):
         super().__init__()
         check_int("n_experts", n_experts)
         check_int("k", k, high=n_experts)
         if capacity_factor is not None: check_number("capacity_factor", capacity_factor, gt=0)
         check_int("shared_hidden", shared_hidden, low=0)
+        self.bias_rate = check_number("bias_rate", bias_rate, ge=0)
         self.experts = GroupedExperts(n_experts, dim, hidden, impl, init_std, out_std)
         self.router = nn.Linear(dim, n_experts, bias=False)
         self.shared = SwiGLU(dim, shared_hidden) if shared_hidden else None
@@ -444,6 +468,8 @@ class TopKMoE(nn.Module):
         self.normalize = k > 1 if normalize is None else normalize
         self.aux_loss = self.balance_loss = self.z_loss = torch.zeros(())
         self.load = self.dropped = None
+        if bias_rate > 0: self.register_buffer("expert_bias", torch.zeros(n_experts))    # loss-free balancing
+        else: self.expert_bias = None
         self.init_weights()
 
     def init_weights(self): nn.init.normal_(self.router.weight, std=self.experts.init_std)
@@ -451,8 +477,7 @@ class TopKMoE(nn.Module):
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         "Router logits [N, E] (float32), top-k experts [N, k] and their weights [N, k] for rows `x` [N, dim]."
         logits = F.linear(x.float(), self.router.weight.float())
-        weight, expert = logits.softmax(-1).topk(self.k, dim=-1)
-        if self.normalize: weight = weight / weight.sum(-1, keepdim=True)
+        expert, weight = select_experts(logits, self.k, self.expert_bias, self.normalize)
         return logits, expert, weight
 
     def keep(self, expert: Tensor) -> Tensor:
@@ -471,6 +496,7 @@ class TopKMoE(nn.Module):
         self.balance_loss, self.z_loss = router_losses(logits, load, expert.numel())
         self.aux_loss = self.balance_weight * self.balance_loss + self.z_weight * self.z_loss
         self.load, self.dropped = load.detach(), dropped
+        if self.training and self.expert_bias is not None: update_expert_bias(self.expert_bias, load, self.bias_rate)
         y = y.view(x.shape)
         return y if self.shared is None else y + self.shared(x)
 
@@ -555,7 +581,8 @@ class RoutedConfig:
 class MoEConfig:
     """A learned top-k mixture in every block of a model (`TopKMoE`): `n_experts` experts of width `expert_hidden`
     (None: the model's `hidden // top_k`, at least 8), a shared expert of width `shared_hidden` (0: none), `top_k`
-    experts per token, `capacity_factor` (None: dropless), and the weights of the balance loss and the z-loss."""
+    experts per token, `capacity_factor` (None: dropless), the weights of the balance loss and the z-loss, and the
+    rate of loss-free balancing by a selection bias (`bias_rate`; 0: off)."""
     n_experts: int = 8
     expert_hidden: int | None = None
     shared_hidden: int = 0
@@ -563,6 +590,7 @@ class MoEConfig:
     capacity_factor: float | None = None
     balance_weight: float = 0.01
     z_weight: float = 1e-3
+    bias_rate: float = 0.0
 
     def __post_init__(self):
         check_int("MoEConfig.n_experts", self.n_experts)
@@ -572,6 +600,7 @@ class MoEConfig:
         if self.capacity_factor is not None: check_number("MoEConfig.capacity_factor", self.capacity_factor, gt=0)
         check_number("MoEConfig.balance_weight", self.balance_weight, ge=0)
         check_number("MoEConfig.z_weight", self.z_weight, ge=0)
+        check_number("MoEConfig.bias_rate", self.bias_rate, ge=0)
 
     def expert_width(self, hidden: int) -> int:
         "The experts' width in a model whose dense MLP is `hidden` wide: the dense active parameters over `top_k`."
