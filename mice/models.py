@@ -16,13 +16,14 @@ from .attention import MuConfig, MuGuidedAttention, LegacyMuAttention
 from .dynamics import INLConfig, INLDynamics, LegacyINLDynamics, ContextualMu, mu_highway
 from .routing import RoutedConfig, MoEConfig, TokenRoutedMLP, LegacyTokenRoutedMLP, TopKMoE
 from .memory import MemoryConfig, MemoryAttention
+from .geometric import GeometricConfig, GeometricMoE
 
 # %% auto #0
-__all__ = ['FAMILIES', 'MODELS', 'FIXED', 'PRESETS', 'DecoderConfig', 'Step', 'check_tokens', 'Decoder', 'DenseConfig',
-           'topk_experts', 'DenseBlock', 'DenseModel', 'DeepConfig', 'DeepState', 'deep_attention', 'deep_mlp',
-           'DeepBlock', 'DeepModel', 'Family', 'Size', 'register_family', 'family_of', 'register_model', 'model_config',
-           'build_model', 'matched_hidden', 'from_flat_config', 'MGMConfig', 'mgm_mlp', 'MGMBlock', 'MGMModel',
-           'generate']
+__all__ = ['FAMILIES', 'MODELS', 'FIXED', 'PRESETS', 'EUCLIDEAN', 'DecoderConfig', 'Step', 'check_tokens', 'Decoder',
+           'DenseConfig', 'topk_experts', 'DenseBlock', 'DenseModel', 'DeepConfig', 'DeepState', 'deep_attention',
+           'deep_mlp', 'DeepBlock', 'DeepModel', 'Family', 'Size', 'register_family', 'family_of', 'register_model',
+           'model_config', 'build_model', 'matched_hidden', 'from_flat_config', 'MGMConfig', 'mgm_mlp', 'MGMBlock',
+           'MGMModel', 'generate']
 
 # %% ../nbs/08_full_models.ipynb #5df49004
 @dataclass(frozen=True)
@@ -488,7 +489,7 @@ class MGMConfig(DecoderConfig):
     """MGM: a geometric mixture of experts in the MLP position (`experts`; None: SwiGLU of width `hidden`) and a
     working memory read by attention (`memory`; None: plain causal attention)."""
     hidden: int | None = None
-    experts: MoEConfig | None = None
+    experts: GeometricConfig | None = None
     memory: MemoryConfig | None = None
 
     def __post_init__(self):
@@ -502,10 +503,7 @@ class MGMConfig(DecoderConfig):
 def mgm_mlp(c: MGMConfig, layer: int) -> nn.Module:
     "The MLP of mgm layer `layer`: the geometric mixture of experts, or SwiGLU of width `hidden`."
     if c.experts is None: return SwiGLU(c.dim, c.mlp_hidden)
-    m = c.experts
-    return TopKMoE(c.dim, m.expert_width(c.mlp_hidden), m.n_experts, k=m.top_k, capacity_factor=m.capacity_factor,
-                   balance_weight=m.balance_weight, z_weight=m.z_weight, shared_hidden=m.shared_hidden,
-                   out_std=c.residual_std)
+    return GeometricMoE(c.dim, c.experts.expert_width(c.mlp_hidden), c.experts, out_std=c.residual_std)
 
 # %% ../nbs/08_full_models.ipynb #927002e9
 class MGMBlock(nn.Module):
@@ -541,9 +539,12 @@ class MGMModel(Decoder):
 
 # %% ../nbs/08_full_models.ipynb #d65a5ee7
 register_family("mgm", MGMConfig, MGMModel)
-register_model("mgm", MGMConfig(experts=MoEConfig(), memory=MemoryConfig()))
-register_model("mgm_euclid", MGMConfig(experts=MoEConfig(), memory=MemoryConfig()))
-register_model("mgm_nomem", MGMConfig(experts=MoEConfig(), memory=MemoryConfig(slots=0)), fixed=("memory.slots",))
+EUCLIDEAN = GeometricConfig(manifolds=("euclidean",), router="linear")
+register_model("mgm", MGMConfig(experts=GeometricConfig(), memory=MemoryConfig()), fixed=("experts.manifolds",))
+register_model("mgm_euclid", MGMConfig(experts=EUCLIDEAN, memory=MemoryConfig()),
+               fixed=("experts.manifolds", "experts.router"))
+register_model("mgm_nomem", MGMConfig(experts=GeometricConfig(), memory=MemoryConfig(slots=0)),
+               fixed=("experts.manifolds", "memory.slots"))
 register_model("dense_mem", MGMConfig(memory=MemoryConfig()))
 register_model("dense_window", MGMConfig(memory=MemoryConfig(slots=0)), fixed=("memory.slots",))
 

@@ -102,7 +102,7 @@ def test_iid_tokens_stay_at_ln_v():
     model = build_model("mgm", None, vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=T,
                         memory=dict(slots=4, segment=8))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
+    for _ in range(100):
         x = torch.randint(0, V, (16, T + 1), generator=g)
         loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()) + model.aux_loss
         opt.zero_grad()
