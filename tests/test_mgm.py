@@ -17,7 +17,7 @@ NAMES = ("mgm", "mgm_euclid", "mgm_nomem", "dense_mem", "dense_window")
 def small(name, seed=0, **kw):
     torch.manual_seed(seed)
     fixed_slots = MODELS[name].memory is not None and MODELS[name].memory.slots == 0
-    return build_model(name, None, **SHAPE, memory=dict(segment=4) if fixed_slots else MEM, **kw)
+    return build_model(name, None, **{**SHAPE, "memory": dict(segment=4) if fixed_slots else MEM, **kw})
 
 
 def perturbed(model, idx, t):
@@ -45,6 +45,15 @@ def test_memory_carries_what_the_window_cannot_see(name, carries):
     a, b = perturbed(model, idx, 1)
     moved = (a[:, 8:] - b[:, 8:]).abs().max().item()
     assert moved > 1e-3 if carries else moved <= 1e-6, moved
+
+
+def test_memory_wider_than_the_model():
+    "The reference's memory is wider than the model (256 x 2048 at full size): slots of width 64 in a 32-wide model."
+    model, idx = small("dense_mem", memory=dict(slots=8, segment=4, width=64)).eval(), torch.randint(0, 97, (2, 14))
+    assert model.blocks[0].attn.memory.init.shape == (8, 64)
+    with torch.no_grad():
+        logits, _ = chunked_logits(model, idx, [5] + [1] * 9)
+        assert (logits - model(idx)).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["mgm", "dense_mem"])
