@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, sys
 from pathlib import Path
 import torch
-from . import bench, blocks, petals, vectorhull, attention, routing, experiments
+from . import bench, blocks, petals, vectorhull, attention, routing, geometric, experiments
 from .utils import parse_assignments
 from .data import load_tokenizer, tokenizer_digest
 from .models import MODELS, PRESETS
@@ -22,6 +22,7 @@ SUITES = {
     "matmul": bench.matmul_suite, "swiglu": blocks.swiglu_suite, "petals": petals.petals_suite,
     "vectorhull": vectorhull.vectorhull_suite, "attention": attention.attention_suite,
     "routing": routing.routing_suite, "model": experiments.model_suite,
+    "geometric": geometric.geometric_suite,
 }
 
 # %% ../nbs/10_cli.ipynb #b5db66ab
