@@ -77,6 +77,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--jobs", type=int, default=None,
                    help="runs in parallel processes (default: all runs on a GPU, 1 on the CPU)")
     c.add_argument("--out", help="JSON file for the results (default: <out-dir>/compare.json)")
+    c.add_argument("--lrs", nargs="+", type=float, default=None, metavar="LR",
+                   help="first sweep these peak learning rates for every model (on a seed not compared), then compare "
+                        "each model at its own best (default: every model at --lr)")
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("--checkpoint", default="runs/default/checkpoint.safetensors", help="(default %(default)s)")
     g.add_argument("--prompt", default="\n")
@@ -128,7 +131,13 @@ def _compare(a) -> dict:
     jobs = a.jobs if a.jobs is not None else (len(a.models) * len(a.seeds) if gpu else 1)
     if jobs < 1: raise ValueError(f"--jobs must be >= 1, got {jobs}")
     out = a.out or str(Path(c.out_dir) / "compare.json")
-    r = compare_runs(a.models, a.seeds, c, match_params=a.match_params, jobs=jobs, out=out)
+    if a.lrs is not None and (bad := [x for x in a.lrs if not x > 0]):
+        raise ValueError(f"--lrs: expected learning rates > 0, got {bad}")
+    jobs = min(jobs, len(a.models) * max(len(a.seeds), len(a.lrs or [])))
+    r = compare_runs(a.models, a.seeds, c, match_params=a.match_params, jobs=jobs, out=out, lrs=a.lrs)
+    if r["sweep"]:
+        for m, sw in r["sweep"].items():
+            print(f"{m:>8s} sweep: " + ", ".join(f"lr {k}: {v:.4f}" for k, v in sw.items()) + f"  -> lr {r['lr'][m]:g}")
     print(f"target: {r['target_bpb']:.4f} bits/byte (the mean final of {a.models[0]!r})")
     for m, s in r["summary"].items():
         d = "" if m == a.models[0] else f"  delta {s['delta_bpb_mean']:+.4f} +- {s['delta_bpb_std']:.4f}"
