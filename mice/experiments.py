@@ -203,9 +203,9 @@ def _mutual_information(a: np.ndarray, b: np.ndarray) -> float:
 # %% ../nbs/09_experiments.ipynb #a4000c11
 @torch.no_grad()
 def routing_specialisation(model: torch.nn.Module, idx: torch.Tensor, classes: np.ndarray) -> list[dict]:
-    """Per mixture of `model` (a module with a `router` submodule), on tokens `idx` [B, T]: routing entropy (bits),
-    load per expert, I(class; manifold type) and I(class; expert) in bits. Manifold types are the mixture's
-    `manifolds` (one name per expert; all "euclidean" if it has none)."""
+    """Per mixture of `model` (a module with a `router` submodule and `route(rows) -> (logits, ...)`), on tokens `idx`
+    [B, T]: routing entropy (bits), load per expert, I(class; manifold type) and I(class; expert) in bits. Manifold
+    types are the experts' `expert_types()` (all "euclidean" for experts without one)."""
     moes = [m for m in model.modules() if isinstance(getattr(m, "router", None), torch.nn.Module)]
     seen = {id(m): [] for m in moes}
     hooks = [m.register_forward_pre_hook(lambda mod, args: seen[id(mod)].append(args[0])) for m in moes]
@@ -216,10 +216,10 @@ def routing_specialisation(model: torch.nn.Module, idx: torch.Tensor, classes: n
     rows = []
     for layer, m in enumerate(moes):
         x = seen[id(m)][0]
-        logits = m.router(x.reshape(-1, x.shape[-1]))
-        p = (logits[0] if isinstance(logits, tuple) else logits).float().softmax(-1)
+        p = m.route(x.reshape(-1, x.shape[-1]))[0].float().softmax(-1)
         top = p.argmax(-1).cpu().numpy()
-        kinds = list(getattr(m, "manifolds", None) or ["euclidean"] * p.shape[-1])
+        types_of = getattr(m.experts, "expert_types", None)
+        kinds = types_of() if callable(types_of) else ["euclidean"] * p.shape[-1]
         kind_ids = np.array([sorted(set(kinds)).index(k) for k in kinds])
         entropy = -(p * p.clamp_min(1e-12).log2()).sum(-1).mean().item()
         load = np.bincount(top, minlength=p.shape[-1]) / len(top)
@@ -231,9 +231,12 @@ def routing_specialisation(model: torch.nn.Module, idx: torch.Tensor, classes: n
     return rows
 
 # %% ../nbs/09_experiments.ipynb #05da41bf
+@torch.no_grad()
 def curvatures(model: torch.nn.Module) -> dict[str, list[float]]:
-    "Every parameter of `model` whose name contains `curvature`, as a list of floats."
-    return {n: p.detach().float().flatten().cpu().tolist() for n, p in model.named_parameters() if "curvature" in n}
+    """The curvature c of every expert, by expert bank (a module with `curvature()` and `expert_types()`; 0 for a flat
+    expert), as lists of floats."""
+    return {name: m.curvature().float().cpu().tolist() for name, m in model.named_modules()
+            if callable(getattr(m, "curvature", None)) and callable(getattr(m, "expert_types", None))}
 
 
 def geometric_training(c: TrainConfig, every: int = 50, val_tokens: int = 16384) -> dict:
