@@ -202,10 +202,12 @@ def _mutual_information(a: np.ndarray, b: np.ndarray) -> float:
 
 # %% ../nbs/09_experiments.ipynb #a4000c11
 @torch.no_grad()
-def routing_specialisation(model: torch.nn.Module, idx: torch.Tensor, classes: np.ndarray) -> list[dict]:
+def routing_specialisation(model: torch.nn.Module, idx: torch.Tensor, classes: np.ndarray,
+                           groups: list[str] | None = None) -> list[dict]:
     """Per mixture of `model` (a module with a `router` submodule and `route(rows) -> (logits, ...)`), on tokens `idx`
     [B, T]: routing entropy (bits), load per expert, I(class; manifold type) and I(class; expert) in bits. Manifold
-    types are the experts' `expert_types()` (all "euclidean" for experts without one)."""
+    types are the experts' `expert_types()` (all "euclidean" for experts without one), or `groups` (one label per
+    expert: another model's types, as the control for a model whose experts are all flat)."""
     moes = [m for m in model.modules() if isinstance(getattr(m, "router", None), torch.nn.Module)]
     seen = {id(m): [] for m in moes}
     hooks = [m.register_forward_pre_hook(lambda mod, args: seen[id(mod)].append(args[0])) for m in moes]
@@ -219,7 +221,7 @@ def routing_specialisation(model: torch.nn.Module, idx: torch.Tensor, classes: n
         p = m.route(x.reshape(-1, x.shape[-1]))[0].float().softmax(-1)
         top = p.argmax(-1).cpu().numpy()
         types_of = getattr(m.experts, "expert_types", None)
-        kinds = types_of() if callable(types_of) else ["euclidean"] * p.shape[-1]
+        kinds = list(groups or (types_of() if callable(types_of) else ["euclidean"] * p.shape[-1]))
         kind_ids = np.array([sorted(set(kinds)).index(k) for k in kinds])
         entropy = -(p * p.clamp_min(1e-12).log2()).sum(-1).mean().item()
         load = np.bincount(top, minlength=p.shape[-1]) / len(top)
@@ -239,9 +241,11 @@ def curvatures(model: torch.nn.Module) -> dict[str, list[float]]:
             if callable(getattr(m, "curvature", None)) and callable(getattr(m, "expert_types", None))}
 
 
-def geometric_training(c: TrainConfig, every: int = 50, val_tokens: int = 16384) -> dict:
+def geometric_training(c: TrainConfig, every: int = 50, val_tokens: int = 16384,
+                       groups: list[str] | None = None) -> dict:
     """Train `c` with the trainer's steps, recording `curvatures` every `every` steps (and at 0 and the end); then the
-    validation bits per byte and `routing_specialisation` on the first `val_tokens` validation tokens."""
+    validation bits per byte and `routing_specialisation` (with `groups`) on the first `val_tokens` validation
+    tokens."""
     check_int("every", every)
     from mice.training import Trainer
     tr = Trainer(c)
@@ -252,7 +256,7 @@ def geometric_training(c: TrainConfig, every: int = 50, val_tokens: int = 16384)
     ev = tr.evaluate()
     n = val_tokens // c.seq_len * c.seq_len
     val = torch.as_tensor(np.asarray(tr.val_ids[:n], dtype=np.int64)).view(-1, c.seq_len).to(tr.device)
-    with tr.autocast(): routing = routing_specialisation(tr.model, val, token_classes(tr.tok))
+    with tr.autocast(): routing = routing_specialisation(tr.model, val, token_classes(tr.tok), groups)
     return {"model": c.model, "val_bpb": ev["bpb"], "curvatures": track, "routing": routing}
 
 # %% ../nbs/09_experiments.ipynb #706714d3
