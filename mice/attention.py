@@ -289,3 +289,6 @@ def attention_suite(args) -> list[Result]:
             modes = [m for m in _decode_modes(args, cuda) if m != "compiled" or di == bi == 0]
             rows += _decode_rows(layers, B, S, modes, ctx, copy, timer)
     return rows
+
+
+attention_suite.opts = ("head_dim", "seq", "context", "batches")   # the --opt keys it reads

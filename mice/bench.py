@@ -231,7 +231,7 @@ def _si(x):
 def format_table(results) -> str:
     "Aligned plain-text table of `results`, headed by where they ran, with notes below."
     _check_report(results)
-    head = ("name", "fwd ms", "fwd+bwd ms", "tokens/s", "TFLOP/s", "% peak", "GB/s", "peak MiB", "baseline",
+    head = ("name", "fwd ms", "fwd+bwd ms", "tokens/s", "TFLOP/s", "% ref matmul", "GB/s", "peak MiB", "baseline",
             "time x", "tok/s x")
     rows = [(r.name, _num(r.fwd and r.fwd.median, 3), _num(r.step and r.step.median, 3), _si(r.tokens_per_s),
              _num(r.tflops, 3), _num(r.mfu and 100 * r.mfu, 1), _num(r.gbs, 1), _num(r.peak_mib, 0), r.baseline,
@@ -243,6 +243,9 @@ def format_table(results) -> str:
     where = (f"# {e.get('gpu') or e.get('cpu', '?')} | {e.get('dtype')} | torch {e.get('torch')} | "
              f"sdpa {e.get('sdpa')} | {e.get('date')}")
     notes = [f"* {r.name}: {r.note}" for r in results if r.note]
+    if any(r.mfu for r in results):
+        notes.append("* % ref matmul: TFLOP/s as a percentage of the reference matmul's in the same run "
+                     "(not of a hardware peak: a small or fused shape can exceed 100)")
     return "\n".join([where, line(head), *map(line, rows), *notes])
 
 
@@ -323,8 +326,9 @@ def parse_args(argv, suites: dict) -> argparse.Namespace:
     "Parse `mice bench` arguments for the suites `suites` ({name: function}); see `main`."
     p = argparse.ArgumentParser(prog="mice bench",
                                 description="Run a benchmark suite, print a table, optionally write JSON.")
-    p.add_argument("suite", choices=sorted(suites))
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("suite", choices=sorted(suites), help="what to measure: " + ", ".join(sorted(suites)))
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to measure (default: cuda when there is one)")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--tokens", type=_positive, help="tokens per call (default: the suite's)")
     p.add_argument("--sizes", type=_positive, nargs="+", help="matmul n or layer width d (default: the suite's)")
@@ -341,6 +345,10 @@ def parse_args(argv, suites: dict) -> argparse.Namespace:
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     args.opts = dict(args.opt)
+    known = getattr(suites[args.suite], "opts", ())
+    if unknown := sorted(set(args.opts) - set(known)):
+        p.error(f"argument --opt: suite {args.suite!r} reads no option {unknown[0]!r}; "
+                + (f"its options: {', '.join(known)}" if known else "it takes none"))
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error(f"argument --device: cuda is not available (torch {torch.__version__}); choose cpu")
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")

@@ -4,28 +4,53 @@
 
 # %% ../nbs/10_cli.ipynb #d9607747
 from __future__ import annotations
-import argparse, sys
+import argparse, re, sys
+from dataclasses import fields
 from pathlib import Path
 import torch
-from . import bench, blocks, petals, vectorhull, attention, routing, geometric, experiments
-from .utils import parse_assignments
+from . import bench, blocks, petals, vectorhull, attention, routing, geometric, experiments, sources
+from .utils import check_int, parse_assignments
 from .data import load_tokenizer, tokenizer_digest
-from .models import MODELS, PRESETS
-from .training import TrainConfig, load_model, sample_text, train
+from .models import MODELS, PRESETS, check_generation
+from .training import PLAYS, TrainConfig, check_device, load_model, sample_text, train
 from .experiments import compare_runs
 
 # %% auto #0
-__all__ = ['SUITES', 'parser', 'main']
+__all__ = ['SUITES', 'HELP', 'FLAGS', 'DATASETS', 'USER_ERRORS', 'cli_message', 'parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #53ac1e43
 SUITES = {
     "matmul": bench.matmul_suite, "swiglu": blocks.swiglu_suite, "petals": petals.petals_suite,
     "vectorhull": vectorhull.vectorhull_suite, "attention": attention.attention_suite,
-    "routing": routing.routing_suite, "model": experiments.model_suite,
+    "routing": routing.routing_suite, "model": experiments.model_suite, "data": sources.data_suite,
     "geometric": geometric.geometric_suite,
 }
 
 # %% ../nbs/10_cli.ipynb #b5db66ab
+HELP = {
+    "steps": "optimizer steps of the whole run (a resumed run continues up to this step)",
+    "batch_size": "sequences per optimizer step",
+    "seq_len": "tokens per training sequence",
+    "warmup": "steps of linear learning-rate warm-up before the cosine decay",
+    "eval_every": "evaluate on the validation split and save the checkpoint every N steps (and at the last step)",
+    "lr": "peak learning rate of AdamW (> 0)",
+    "min_lr_ratio": "the cosine schedule ends at this fraction of --lr (0 to 1)",
+    "weight_decay": "AdamW's decoupled weight decay, on weight matrices only (>= 0)",
+    "grad_clip": "clip the gradients' global norm to this value (> 0; inf: no clipping)",
+}
+FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in fields(TrainConfig)} | {
+    "model_overrides": "--set", "max_new_tokens": "--tokens", "top_k": "--top-k", "temperature": "--temperature",
+    "prompts": "--prompt", "allow_changes": "--allow-changes"}
+_NAMES = "|".join(sorted(FLAGS, key=len, reverse=True))
+_NAMED = re.compile(rf"(?<![\w.-])(?:TrainConfig\.)?({_NAMES})(?=[:=]| may\b| must\b)")   # a field as errors name it
+
+
+def cli_message(e: Exception) -> str:
+    "The error `e` as one line for the command line: fields and arguments named by their flags (`steps` -> `--steps`)."
+    text = str(e).replace("allow_changes=True", FLAGS["allow_changes"])
+    return " ".join(_NAMED.sub(lambda m: FLAGS[m.group(1)], text).split())
+
+
 def _overrides(model: str, items: list[str]) -> dict:
     "`--set` assignments as overrides of model `model`'s config (nested dicts for mechanism options)."
     if model not in MODELS: raise ValueError(f"--model: unknown model {model!r}; expected one of: {', '.join(MODELS)}")
@@ -35,23 +60,50 @@ def _overrides(model: str, items: list[str]) -> dict:
 
 def _train_options(t: argparse.ArgumentParser, d: TrainConfig):
     "The `TrainConfig` options shared by `mice train` and `mice compare`."
-    t.add_argument("--preset", default=d.preset, help=f"size preset: {', '.join(PRESETS)} (default %(default)s)")
+    t.add_argument("--preset", default=d.preset, help=f"model size: {', '.join(PRESETS)} (default %(default)s)")
     for name in ("steps", "batch_size", "seq_len", "warmup", "eval_every"):
-        t.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
-                       help="(default %(default)s)")
+        t.add_argument(FLAGS[name], type=int, default=getattr(d, name), help=HELP[name] + " (default %(default)s)")
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip"):
-        t.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name),
-                       help="(default %(default)s)")
+        t.add_argument(FLAGS[name], type=float, default=getattr(d, name), help=HELP[name] + " (default %(default)s)")
     t.add_argument("--eval-tokens", type=int, default=d.eval_tokens,
                    help="validation tokens for intermediate evals; 0 = the whole split (default %(default)s)")
     t.add_argument("--full-final-eval", action=argparse.BooleanOptionalAction, default=d.full_final_eval,
                    help="evaluate the last step on the whole validation split (default %(default)s)")
-    t.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    t.add_argument("--device", default=d.device, help="where to train: auto (a GPU if there is one), cpu, cuda or "
+                   "cuda:N (default %(default)s)")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile (default: on GPU only)")
+                   help="torch.compile the model (default: on GPU only)")
     t.add_argument("--out-dir", default=d.out_dir, help="where the checkpoint(s) go (default %(default)s)")
     t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a field of the model's config (a mechanism's option by its path, e.g. inl.dt=0.2)")
+    _data_options(t)
+
+# %% ../nbs/10_cli.ipynb #c2ff81f6
+DATASETS = {"conversational": "plays", "reasoning": "reasoning", "cot": "cot", "bible": "bible"}
+
+
+def _data_options(t: argparse.ArgumentParser):
+    "The data options of `mice train` and `mice compare`."
+    t.add_argument("--data", nargs="+", default=[], metavar="SOURCE=WEIGHT",
+                   help=f"mix of sources: {', '.join(sources.SOURCES)} or text:PATH (default plays=1)")
+    t.add_argument("--data-path", action="append", default=[], metavar="PATH",
+                   help="add a text file or a folder of .txt/.md/.rst files as a source (weight 1)")
+    for flag, name in DATASETS.items():
+        t.add_argument(f"--dataset-{flag}", action="store_true", help=f"add {sources.SOURCES[name]} (weight 1)")
+
+
+def _mix(a) -> dict:
+    "The data mix `{source: weight}` of `--data`, `--data-path` and `--dataset-*` (default: the plays alone)."
+    mix = {}
+    for item in a.data:
+        name, sep, w = item.rpartition("=")
+        if not sep or not name: raise ValueError(f"--data: expected SOURCE=WEIGHT, got {item!r}")
+        try: mix[name] = float(w)
+        except ValueError: raise ValueError(f"--data {name}: expected a number, got {w!r}") from None
+    for flag, name in DATASETS.items():
+        if getattr(a, f"dataset_{flag}"): mix.setdefault(name, 1.0)
+    for path in a.data_path: mix.setdefault(sources.TEXT + str(Path(path).resolve()), 1.0)
+    return mix or dict(PLAYS)
 
 # %% ../nbs/10_cli.ipynb #c82d13fc
 def parser() -> argparse.ArgumentParser:
@@ -62,15 +114,24 @@ def parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     t.add_argument("--model", default=d.model, help=f"registered model: {', '.join(MODELS)} (default %(default)s)")
     _train_options(t, d)
-    t.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
-    t.add_argument("--sample-tokens", type=int, default=d.sample_tokens, help="(default %(default)s)")
+    t.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the initialisation and of the batches: the same seed gives the same run "
+                   "(default %(default)s)")
+    t.add_argument("--sample-tokens", type=int, default=d.sample_tokens,
+                   help="tokens of text to sample from the model at the end; 0: none (default %(default)s)")
     t.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue from a checkpoint (default: <out-dir>/checkpoint.safetensors)")
+                   help="continue the run saved in a checkpoint, with its settings (default: <out-dir>/checkpoint."
+                   "safetensors); only a larger --steps may differ")
+    t.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue with settings other than the checkpoint's")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh even if <out-dir> holds a checkpoint, replacing it")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     c = sub.add_parser("compare", help="train several models x seeds at one token budget and compare them")
     c.add_argument("--models", nargs="+", default=["dense", "mu", "inl", "mu_inl"],
                    help="model names; the first is the baseline (default %(default)s)")
-    c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="(default %(default)s)")
+    c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="one run of each model per seed (default %(default)s)")
     _train_options(c, TrainConfig(out_dir="runs/compare"))
     c.add_argument("--no-match-params", dest="match_params", action="store_false",
                    help="keep every model's MLP width (default: match the first's parameter count within 2%%)")
@@ -81,13 +142,18 @@ def parser() -> argparse.ArgumentParser:
                    help="first sweep these peak learning rates for every model (on a seed not compared), then compare "
                         "each model at its own best (default: every model at --lr)")
     g = sub.add_parser("generate", help="sample text from a checkpoint")
-    g.add_argument("--checkpoint", default="runs/default/checkpoint.safetensors", help="(default %(default)s)")
-    g.add_argument("--prompt", default="\n")
-    g.add_argument("--tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--checkpoint", default="runs/default/checkpoint.safetensors",
+                   help="the checkpoint to sample from (default %(default)s)")
+    g.add_argument("--prompt", default="\n", help="the text to continue (default: a new line)")
+    g.add_argument("--tokens", type=int, default=200, help="how many tokens to generate (default %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature: 0 always takes the likeliest token, higher is more varied "
+                   "(default %(default)s)")
+    g.add_argument("--top-k", type=int, default=50,
+                   help="sample among the K likeliest tokens only; 0: among all (default %(default)s)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampler: a seed gives one text (default %(default)s)")
+    g.add_argument("--device", default="cpu", help="where to run: auto, cpu, cuda or cuda:N (default %(default)s)")
     b = sub.add_parser("bench", help="run a benchmark suite; `mice bench -h` lists them", add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
     return p
@@ -95,31 +161,41 @@ def parser() -> argparse.ArgumentParser:
 # %% ../nbs/10_cli.ipynb #788717e8
 def _config(a, name: str, **kw) -> TrainConfig:
     "A TrainConfig from the shared options (and `kw`); `--set` is read against the config of model `name`."
-    if a.eval_tokens is not None and a.eval_tokens < 0:
-        raise ValueError(f"--eval-tokens must be >= 0, got {a.eval_tokens}")
-    if a.preset not in PRESETS:
-        raise ValueError(f"--preset: unknown preset {a.preset!r}; expected one of: {', '.join(PRESETS)}")
+    check_int("--eval-tokens", a.eval_tokens, low=0)                # 0: the whole split (None in TrainConfig)
     return TrainConfig(preset=a.preset, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
                        min_lr_ratio=a.min_lr_ratio, warmup=a.warmup, weight_decay=a.weight_decay,
                        grad_clip=a.grad_clip, eval_every=a.eval_every, eval_tokens=a.eval_tokens or None,
                        full_final_eval=a.full_final_eval, device=a.device, compile=a.compile, out_dir=a.out_dir,
-                       model_overrides=_overrides(name, a.set), **kw)
+                       model_overrides=_overrides(name, a.set), data=_mix(a), **kw)
 
 
 def _train(a) -> dict:
     c = _config(a, a.model, model=a.model, seed=a.seed, sample_tokens=a.sample_tokens)
-    resume = Path(c.out_dir) / "checkpoint.safetensors" if a.resume == "auto" else a.resume
-    return train(c, resume=resume, progress=not a.no_progress)
+    path = Path(c.out_dir) / "checkpoint.safetensors"
+    resume = path if a.resume == "auto" else a.resume
+    if a.allow_changes and resume is None: raise ValueError("--allow-changes: goes with --resume")
+    if path.exists() and not a.overwrite and (resume is None or Path(resume).resolve() != path.resolve()):
+        raise ValueError(f"--out-dir {c.out_dir} holds a checkpoint already: --resume to continue it, --overwrite to "
+                         "replace it, or another --out-dir")
+    return train(c, resume=resume, progress=not a.no_progress, allow_changes=a.allow_changes)
 
 
 def _generate(a) -> str:
-    if a.tokens < 0: raise ValueError(f"--tokens must be >= 0, got {a.tokens}")
+    top_k = a.top_k or None
+    check_generation(a.tokens, a.temperature, top_k, a.seed)      # before any work
+    device = check_device("--device", a.device)
     model, ck = load_model(a.checkpoint)
+    tok = load_tokenizer()
     if ck.meta.get("tokenizer") not in (None, tokenizer_digest()):
         raise ValueError(f"--checkpoint {a.checkpoint} was trained with a different tokenizer than data/tokenizer.json")
-    model.to(a.device)
-    text = sample_text(model, load_tokenizer(), a.prompt, a.tokens, a.temperature, a.top_k, a.seed)
+    if model.config.vocab_size != tok.get_vocab_size():
+        raise ValueError(f"--checkpoint {a.checkpoint}: its model has {model.config.vocab_size} token ids, the "
+                         f"tokenizer {tok.get_vocab_size()}")
+    text = sample_text(model.to(device), tok, a.prompt, a.tokens, a.temperature, top_k, a.seed)
     print(text)
+    if a.tokens and not text[len(a.prompt):].strip():
+        print(f"mice generate: note: the {a.tokens} generated tokens are all white space; try another --prompt "
+              "or a --temperature above 0", file=sys.stderr)
     return text
 
 # %% ../nbs/10_cli.ipynb #5a0f7e1c
@@ -150,17 +226,19 @@ def _compare(a) -> dict:
     return r
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, TypeError, FloatingPointError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    "Entry point of the `mice` command."
+    "Entry point of the `mice` command: a user's error is one line on stderr and exit status 2."
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:                      # the harness parses its own arguments (and its own -h)
-        return bench.main(argv[1:], SUITES) or 0
-    a = parser().parse_args(argv)
+    is_bench = argv[:1] == ["bench"]                # the harness parses its own arguments (and its own -h)
+    a = None if is_bench else parser().parse_args(argv)
+    command = "bench" if is_bench else a.command
     try:
-        if a.command == "train": _train(a)
-        elif a.command == "generate": _generate(a)
-        elif a.command == "compare": _compare(a)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"mice {a.command}: error: {e}", file=sys.stderr)
+        if is_bench: bench.main(argv[1:], SUITES)
+        else: {"train": _train, "generate": _generate, "compare": _compare}[command](a)
+    except USER_ERRORS as e:
+        print(f"mice {command}: error: {cli_message(e)}", file=sys.stderr)
         return 2
     return 0

@@ -14,7 +14,7 @@ import torch
 from .utils import atomic_write, autocast, check_int, check_number
 from .bench import Result, compare, compile_modes, context, peak_memory, sdpa_backend, time_fn
 from .data import load_tokenizer, token_ids
-from .models import MODELS, build_model, matched_hidden
+from .models import MODELS, PRESETS, build_model, matched_hidden
 from .routing import routing_stats
 from .training import TrainConfig, TrainStep, load_model, make_optimizer, parallelize, train
 
@@ -293,6 +293,10 @@ def _train_row(name: str, compiled: bool, args, device, dtype, env: dict, ref: R
 
 def model_suite(args) -> list[Result]:
     "Train-step tokens/s and MFU of model names (the first is the baseline) against a same-run matmul."
+    if bad := [m for m in args.models if m not in MODELS]:
+        raise ValueError(f"--models: unknown model(s) {bad}; expected some of: {', '.join(MODELS)}")
+    if args.preset is not None and args.preset not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {args.preset!r}; expected one of: {', '.join(PRESETS)}")
     device, dtype, env, ref = context(args)
     rows = [_train_row(n, c, args, device, dtype, env, ref) for n in args.models for c in compile_modes(args)]
     return compare([ref], ref.name) + compare(rows, rows[0].name)

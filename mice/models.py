@@ -23,7 +23,7 @@ __all__ = ['FAMILIES', 'MODELS', 'FIXED', 'PRESETS', 'EUCLIDEAN', 'DecoderConfig
            'DenseConfig', 'topk_experts', 'DenseBlock', 'DenseModel', 'DeepConfig', 'DeepState', 'deep_attention',
            'deep_mlp', 'DeepBlock', 'DeepModel', 'Family', 'Size', 'register_family', 'family_of', 'register_model',
            'model_config', 'build_model', 'matched_hidden', 'from_flat_config', 'MGMConfig', 'mgm_mlp', 'MGMBlock',
-           'MGMModel', 'generate']
+           'MGMModel', 'check_generation', 'prompt_lists', 'generate']
 
 # %% ../nbs/08_full_models.ipynb #5df49004
 @dataclass(frozen=True)
@@ -549,23 +549,65 @@ register_model("dense_mem", MGMConfig(memory=MemoryConfig()))
 register_model("dense_window", MGMConfig(memory=MemoryConfig(slots=0)), fixed=("memory.slots",))
 
 # %% ../nbs/08_full_models.ipynb #bba1b816
+from numbers import Integral
+from .utils import check_number
+
+
+def check_generation(max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                     seed: int | None = None):
+    "The sampling arguments of `generate`, checked in this one place: a bad one gets a `ValueError` naming it."
+    check_int("max_new_tokens", max_new_tokens, low=0)
+    check_number("temperature", temperature, ge=0, lt=math.inf)
+    if top_k is not None: check_int("top_k", top_k)
+    if seed is not None: check_int("seed", seed, low=0)
+
+
+_PROMPTS = ("prompts: expected a list of token ids, a list of such lists, or an integer tensor [batch, T] "
+           "(with an attention_mask [batch, T] marking its real tokens)")
+
+
+def _is_ids(p) -> bool:
+    return isinstance(p, (list, tuple)) and all(isinstance(t, Integral) and not isinstance(t, bool) for t in p)
+
+
+def prompt_lists(prompts, attention_mask: Tensor | None = None) -> list[list[int]]:
+    "`prompts` (ids, lists of ids, or a tensor with an optional `attention_mask`) as lists of ids, or a clear error."
+    if isinstance(prompts, Tensor):
+        if prompts.ndim != 2 or prompts.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{_PROMPTS}; got a tensor of shape {tuple(prompts.shape)} and dtype {prompts.dtype}")
+        if attention_mask is None: return prompts.tolist()
+        if not isinstance(attention_mask, Tensor) or attention_mask.shape != prompts.shape:
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+            raise TypeError(f"attention_mask: expected a tensor of the prompts' shape {tuple(prompts.shape)}, "
+                            f"got {got}")
+        return [p[m].tolist() for p, m in zip(prompts.cpu(), attention_mask.cpu().bool())]
+    if attention_mask is not None: raise TypeError("attention_mask: goes with a tensor of prompts only")
+    if _is_ids(prompts) and len(prompts): return [list(prompts)]
+    if isinstance(prompts, (list, tuple)) and all(_is_ids(p) for p in prompts): return [list(p) for p in prompts]
+    raise TypeError(f"{_PROMPTS}; got {type(prompts).__name__}"
+                    + (f" of {type(prompts[0]).__name__}" if isinstance(prompts, (list, tuple)) and prompts else ""))
+
+
 @torch.no_grad()
-def generate(model: Decoder, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, seed: int | None = None) -> list[list[int]]:
-    "Continue each prompt (a list of token ids) by `max_new_tokens` sampled tokens, using a KV cache."
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts must be non-empty lists of token ids")
-    if max_new_tokens < 0: raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0: raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1: raise ValueError(f"top_k must be >= 1, got {top_k}")
+def generate(model: Decoder, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             seed: int | None = None, attention_mask: Tensor | None = None):
+    """Continue each prompt by `max_new_tokens` sampled tokens, using a KV cache. `prompts`: one list of token ids
+    (returns one list), a list of them (returns a list of lists), or an integer tensor [batch, T] whose real tokens
+    `attention_mask` marks (returns a tensor [batch, T + max_new_tokens]: the prompts as given, then the new tokens)."""
+    rows = prompt_lists(prompts, attention_mask)
+    check_generation(max_new_tokens, temperature, top_k, seed)
+    if not rows or any(len(p) == 0 for p in rows): raise ValueError("prompts: every prompt needs a token (non-empty)")
+    V = model.config.vocab_size
+    if bad := [t for p in rows for t in p if not 0 <= t < V]:
+        raise ValueError(f"prompts: token ids must lie in [0, {V}), got {bad[0]}")
     device = next(model.parameters()).device
-    B, T = len(prompts), max(len(p) for p in prompts)
+    B, T = len(rows), max(len(p) for p in rows)
     if T + max_new_tokens > model.config.max_seq_len:
-        raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
+        raise ValueError(f"prompts: the longest ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
                          f"{model.config.max_seq_len}")
     idx = torch.zeros(B, T, dtype=torch.long)
     valid = torch.zeros(B, T, dtype=torch.bool)
-    for i, p in enumerate(prompts): idx[i, T - len(p):], valid[i, T - len(p):] = torch.tensor(p), True
+    for i, p in enumerate(rows): idx[i, T - len(p):], valid[i, T - len(p):] = torch.tensor(p), True
     idx, valid = idx.to(device), valid.to(device)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     cache = model.new_cache(B, T + max_new_tokens)
@@ -581,5 +623,7 @@ def generate(model: Decoder, prompts: list[list[int]], max_new_tokens: int, temp
             nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)
         out.append(nxt)
         logits = model(nxt, cache)[:, -1]
-    new = torch.cat(out, 1).tolist() if out else [[] for _ in prompts]
-    return [p + n for p, n in zip(prompts, new)]
+    new = torch.cat(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=device)
+    if isinstance(prompts, Tensor): return torch.cat([prompts.to(device), new.to(prompts.dtype)], 1)
+    full = [p + n for p, n in zip(rows, new.tolist())]
+    return full if len(full) > 1 or not _is_ids(prompts) else full[0]

@@ -470,3 +470,6 @@ def petals_suite(args) -> list:
                                         peak_tflops=ref.tflops, env=env))
         rows += compare(group, baseline=group[0].name)
     return rows
+
+
+petals_suite.opts = ("petals", "depth", "hidden")   # the --opt keys it reads

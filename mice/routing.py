@@ -832,3 +832,6 @@ def routing_suite(args):
         loop_tokens = opt_ints(args, "loop_tokens", [2048, 8192, 32768, 65536] if b.cuda else [512, 2048])
         groups += _loop_groups(b, 1024 if b.cuda else dims[0], loop_experts, loop_tokens)
     return [r for g in groups for r in g]
+
+
+routing_suite.opts = ("parts", "tokens", "experts", "loop_experts", "loop_tokens")   # the --opt keys it reads

@@ -15,14 +15,34 @@ from torch import Tensor
 from .utils import atomic_write, autocast, check_int, check_number, config_from_dict
 from .data import (EOT, bits_per_byte, get_batch, iter_eval_batches, load_tokenizer, token_bytes, token_ids,
                        tokenizer_digest)
-from .models import FAMILIES, Decoder, DecoderConfig, build_model, family_of, from_flat_config, generate
+from .models import (FAMILIES, MODELS, PRESETS, Decoder, DecoderConfig, build_model, family_of, from_flat_config,
+                         generate)
+from .sources import MixedLoader, check_mix, source_ids
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'TrainConfig', 'lr_at', 'save_checkpoint', 'Checkpoint', 'load_checkpoint', 'load_state',
-           'config_from_meta', 'model_meta', 'load_model', 'evaluate', 'setup_device', 'make_optimizer', 'parallelize',
-           'TrainStep', 'Trainer', 'train', 'sample_text']
+__all__ = ['PLAYS', 'CKPT_FORMAT', 'check_device', 'TrainConfig', 'lr_at', 'save_checkpoint', 'Checkpoint', 'load_checkpoint',
+           'load_state', 'config_from_meta', 'model_meta', 'load_model', 'evaluate', 'evaluate_sources', 'setup_device',
+           'make_optimizer', 'parallelize', 'TrainStep', 'check_resume', 'Trainer', 'train', 'sample_text']
 
 # %% ../nbs/07_training_stages.ipynb #c0ee349b
+PLAYS = {"plays": 1.0}   # the default data: the plays alone, read by `get_batch`
+
+
+def check_device(name: str, device: str, available: bool = True) -> torch.device:
+    """The device `device` names (`auto`: CUDA when there is one), or a `ValueError` naming `name`: for a name that is
+    not auto, cpu, cuda or cuda:N, and (if `available`) for a GPU this torch cannot use."""
+    if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try: dev = torch.device(device)
+    except (RuntimeError, TypeError): dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    if available and dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}: {device!r} requested but CUDA is not available (torch {torch.__version__})")
+    if available and dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{name}: {device!r} requested but there are {torch.cuda.device_count()} GPUs")
+    return dev
+
+
 @dataclass
 class TrainConfig:
     "Everything that defines a training run (saved in every checkpoint)."
@@ -45,12 +65,27 @@ class TrainConfig:
     out_dir: str = "runs/default"
     sample_tokens: int = 120
     model_overrides: dict = field(default_factory=dict)   # fields of the model's config; nested ones as dicts
+    data: dict = field(default_factory=lambda: dict(PLAYS))  # source -> weight (mice.sources); plays: get_batch
 
     def __post_init__(self):
+        "Every field is checked here, once: a bad value gets one `ValueError` that names the field."
+        for name, registry in (("model", MODELS), ("preset", PRESETS)):
+            if (value := getattr(self, name)) not in registry:
+                raise ValueError(f"{name}: unknown {name} {value!r}; expected one of: {', '.join(registry)}")
         for name in ("steps", "batch_size", "seq_len", "eval_every"): check_int(name, getattr(self, name))
-        check_number("lr", self.lr, gt=0)
+        for name in ("warmup", "seed", "sample_tokens"): check_int(name, getattr(self, name), low=0)
+        if self.eval_tokens is not None: check_int("eval_tokens", self.eval_tokens)
+        check_number("lr", self.lr, gt=0, lt=math.inf)
+        self.data = check_mix(self.data)
         check_number("min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
-        check_int("warmup", self.warmup, low=0)
+        check_number("weight_decay", self.weight_decay, ge=0, lt=math.inf)
+        check_number("grad_clip", self.grad_clip, gt=0)           # inf: no clipping
+        check_device("device", self.device, available=False)
+        for name in ("full_final_eval", "compile"):
+            if not isinstance(getattr(self, name), bool) and not (name == "compile" and self.compile is None):
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.model_overrides, dict):
+            raise ValueError(f"model_overrides: expected a dict, got {type(self.model_overrides).__name__}")
 
 
 def lr_at(step: int, c: TrainConfig) -> float:
@@ -75,8 +110,10 @@ def _digest(tensors: dict[str, Tensor], header: dict[str, str]) -> str:
 
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     step: int = 0, meta: dict | None = None) -> Path:
-    "Atomically write model (and optimizer) state, `step` and the RNG state to `path` (safetensors), with a digest."
+    """Atomically write model (and optimizer) state, `step` and the RNG state to `path` (safetensors), with a digest.
+    Without `meta`, a library model records what `load_model` needs to rebuild it (`model_meta`)."""
     from safetensors.torch import save
+    if meta is None and isinstance(model, Decoder): meta = model_meta(None, model)
     tensors, seen = {}, set()
     for k, v in model.state_dict().items():          # tied weights: keep the first name of each storage
         if (key := (v.data_ptr(), v.shape)) not in seen:
@@ -159,7 +196,7 @@ def config_from_meta(meta: dict) -> DecoderConfig:
     return config_from_dict(FAMILIES[meta["family"]].config, meta["model_config"])
 
 
-def model_meta(name: str, model: Decoder) -> dict:
+def model_meta(name: str | None, model: Decoder) -> dict:
     "What a checkpoint records about `model` (registered as `name`) so that `load_model` can rebuild it."
     return {"model": name, "family": family_of(model.config).name, "model_config": asdict(model.config)}
 
@@ -193,13 +230,20 @@ def evaluate(model: nn.Module, ids: np.ndarray, nbytes: Tensor, batch_size: int,
     nll, n_byte = nll.item(), n_byte.item()
     return {"loss": nll / n_tok, "bpb": bits_per_byte(nll, n_byte), "tokens": n_tok, "bytes": int(n_byte)}
 
+# %% ../nbs/07_training_stages.ipynb #14b4e705
+def evaluate_sources(model: nn.Module, ids: dict, nbytes: Tensor, batch_size: int, seq_len: int,
+                     max_tokens: int | None = None, autocast=contextlib.nullcontext) -> dict:
+    "`evaluate` on each source's ids (`{name: ids}`, up to `max_tokens` each) and in total; per source in `sources`."
+    evs = {n: evaluate(model, a, nbytes, batch_size, seq_len, max_tokens, autocast) for n, a in ids.items()}
+    nll, n_tok = sum(e["loss"] * e["tokens"] for e in evs.values()), sum(e["tokens"] for e in evs.values())
+    n_byte = sum(e["bytes"] for e in evs.values())
+    return {"loss": nll / n_tok, "bpb": bits_per_byte(nll, n_byte), "tokens": n_tok, "bytes": n_byte, "sources": evs}
+
 # %% ../nbs/07_training_stages.ipynb #122f6b66
 def setup_device(c: TrainConfig) -> tuple[torch.device, int, int, bool]:
     "(device, world size, rank, whether we created the process group); joins it when launched by torchrun."
     world, rank, created = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), False
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {c.device!r} requested but CUDA is not available")
+    dev = str(check_device("device", c.device))
     if world > 1:
         import torch.distributed as dist
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -248,10 +292,29 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
+# %% ../nbs/07_training_stages.ipynb #205288a0
+def check_resume(c: TrainConfig, path: str | Path, allow_changes: bool = False) -> Checkpoint:
+    """The checkpoint at `path` if run `c` may continue it, else one `ValueError` line: `c` must ask for more steps
+    than it holds, and (unless `allow_changes`) for the settings it was trained with, but a larger `steps` and
+    another `out_dir`."""
+    ck = load_checkpoint(path)
+    if ck.step >= c.steps:
+        raise ValueError(f"checkpoint {path} is at step {ck.step}; ask for more steps than that (steps={c.steps})")
+    saved = ck.meta.get("train_config")
+    if saved is None or allow_changes: return ck
+    now = asdict(c)
+    changed = [f"{k}={saved.get(k)!r} → {v!r}" for k, v in now.items()
+               if k not in ("steps", "out_dir") and saved.get(k, v) != v]
+    if changed:
+        raise ValueError(f"checkpoint {path} was trained with other settings: {', '.join(changed)}; resume with "
+                         "the same settings (steps may grow), or allow_changes=True to continue with these")
+    return ck
+
 # %% ../nbs/07_training_stages.ipynb #99d0830b
 class Trainer:
     "A training run in pieces: set up here; then `step`, `evaluate`, `save`, and `run` for the whole loop."
-    def __init__(self, c: TrainConfig, resume: str | Path | None = None):
+    def __init__(self, c: TrainConfig, resume: str | Path | None = None, allow_changes: bool = False):
+        ck = None if resume is None else check_resume(c, resume, allow_changes)   # before any work or any write
         self.c = c
         self.device, self.world, self.rank, self._own_group = setup_device(c)
         self.tok = load_tokenizer()
@@ -265,11 +328,15 @@ class Trainer:
                                  "stale cache?")
         if "vocab_size" in c.model_overrides:
             raise ValueError("model_overrides: vocab_size is set by the tokenizer, not by hand")
+        self.loader, self.val_sources = None, None        # the plays alone: get_batch, a function of the step
+        if c.data != PLAYS:                                # a mix: one stream, each rank takes its rows
+            self.loader = MixedLoader(c.data, c.batch_size * self.world, c.seq_len, c.seed)
+            self.val_sources = {n: source_ids(n, "validation") for n in c.data}
         torch.manual_seed(c.seed)
         shape = {"vocab_size": self.tok.get_vocab_size(), "max_seq_len": max(c.seq_len, 1024)}
         self.model = build_model(c.model, c.preset, **{**shape, **c.model_overrides}).to(self.device)
         self.optimizer = make_optimizer(self.model, c, self.device)
-        self.start = 0 if resume is None else self._resume(resume)
+        self.start = 0 if ck is None else self._resume(ck, resume)
         cuda = self.device.type == "cuda"
         self.autocast = lambda: autocast(self.device, torch.bfloat16 if cuda else torch.float32)
         self.net = parallelize(self.model, self.device, compile=c.compile if c.compile is not None else cuda,
@@ -279,9 +346,8 @@ class Trainer:
         self.path = Path(c.out_dir) / "checkpoint.safetensors"
         self.history = []
 
-    def _resume(self, path) -> int:
-        "Load model, optimizer and RNG state from the checkpoint at `path`; returns its step."
-        ck = load_checkpoint(path)
+    def _resume(self, ck: Checkpoint, path) -> int:
+        "Load model, optimizer and RNG state from checkpoint `ck` (read from `path`); returns its step."
         try: saved = config_from_meta(ck.meta)
         except (TypeError, ValueError) as e: raise ValueError(f"checkpoint {path}: {e}") from None
         if ck.meta.get("model") != self.c.model or saved != self.model.config:
@@ -291,37 +357,45 @@ class Trainer:
         load_state(self.model, ck.model)
         self.optimizer.load_state_dict(ck.optimizer)
         torch.set_rng_state(ck.rng)
-        if ck.step >= self.c.steps:
-            raise ValueError(f"checkpoint is at step {ck.step}; ask for more steps than that (steps={self.c.steps})")
+        if self.loader is not None and "data_state" in ck.meta: self.loader.load_state_dict(ck.meta["data_state"])
         return ck.step
 
 # %% ../nbs/07_training_stages.ipynb #19557db1
 def _step(self, step: int) -> Tensor:
     "Optimizer step `step` on its batch; returns the loss (a tensor)."
     c = self.c
-    x, y = get_batch(self.train_ids, c.batch_size, c.seq_len, step * self.world + self.rank, c.seed, self.device)
+    if self.loader is None:
+        x, y = get_batch(self.train_ids, c.batch_size, c.seq_len, step * self.world + self.rank, c.seed, self.device)
+    else:                                                  # the stream's next batch; this rank's rows of it
+        rows = slice(self.rank * c.batch_size, (self.rank + 1) * c.batch_size)
+        x, y = (t[rows].to(self.device, non_blocking=True) for t in self.loader.next_batch())
     return self.train_step(x, y, lr_at(step, c))
 
 
 def _evaluate(self, full: bool = False) -> dict:
     "Validation loss and bits per byte: the first `eval_tokens` tokens, or the whole split if `full`."
     c = self.c
+    if self.loader is not None:
+        return evaluate_sources(self.model, self.val_sources, self.nbytes, c.batch_size, c.seq_len,
+                                None if full else c.eval_tokens, self.autocast)
     return evaluate(self.model, self.val_ids, self.nbytes, c.batch_size, c.seq_len, None if full else c.eval_tokens,
                     self.autocast)
 
 
 def _save(self, step: int) -> Path:
-    "Write the checkpoint of step `step` (model, optimizer, RNG, meta) atomically."
-    return save_checkpoint(self.path, self.model, self.optimizer, step, self.meta)
+    "Write the checkpoint of step `step` (model, optimizer, RNG, meta and the data stream's state) atomically."
+    meta = self.meta if self.loader is None else {**self.meta, "data_state": self.loader.state_dict()}
+    return save_checkpoint(self.path, self.model, self.optimizer, step, meta)
 
 
 Trainer.step, Trainer.evaluate, Trainer.save = _step, _evaluate, _save
 
 # %% ../nbs/07_training_stages.ipynb #b02936b7
 def _after_step(self, step: int, end: int, loss: Tensor, bar, t0: float):
-    "Show the loss every 10 steps; evaluate and save every `eval_every` steps and at `end` (the whole split last)."
+    """Show the loss every 10 steps; evaluate and save every `eval_every` steps and at `end` (the whole split last).
+    A loss that is not finite stops the run before it can be saved."""
     c, last, stopping = self.c, step + 1 == self.c.steps, step + 1 == end
-    if (step + 1) % 10 == 0 or stopping:
+    if (step + 1) % 10 == 0 or stopping or (step + 1) % c.eval_every == 0:
         lv = loss.item()
         if not math.isfinite(lv):
             raise FloatingPointError(f"training loss is {lv} at step {step}; lower lr (now {c.lr})")
@@ -332,9 +406,12 @@ def _after_step(self, step: int, end: int, loss: Tensor, bar, t0: float):
         self.history.append({"step": step + 1, "tokens": (step + 1) * c.batch_size * c.seq_len * self.world,
                              "train_loss": loss.item(), "val_bpb": ev["bpb"], "val_tokens": ev["tokens"],
                              "seconds": time.perf_counter() - t0})
+        per = {n: e["bpb"] for n, e in ev.get("sources", {}).items()}
+        if per: self.history[-1]["val_bpb_sources"] = per
         if self.rank == 0:
             bar.write(f"step {step + 1:5d}  train loss {loss.item():.3f}  val {ev['bpb']:.3f} bits/byte"
-                      + ("  (full validation split)" if full else f"  (first {ev['tokens']:,} tokens)"))
+                      + ("  (full validation split)" if full else f"  (first {ev['tokens']:,} tokens)")
+                      + "".join(f"  {n} {v:.3f}" for n, v in per.items()))
             self.save(step + 1)
 
 
@@ -344,10 +421,13 @@ def _run(self, stop_at: int | None = None, progress: bool = True, log=print) -> 
     from tqdm.auto import tqdm
     c, main = self.c, self.rank == 0
     end = c.steps if stop_at is None else min(stop_at, c.steps)
+    if main:                                        # before the bar, whose first frame would end this line
+        sizes = (f"{len(self.train_ids):,} train / {len(self.val_ids):,} validation tokens" if self.loader is None else
+                 f"data {self.loader.weights}: {sum(map(len, self.loader.ids.values())):,} train / "
+                 f"{sum(map(len, self.val_sources.values())):,} validation tokens")
+        log(f"{c.model}/{c.preset}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}; {sizes}"
+            + (f"; resumed at step {self.start}" if self.start else ""))
     bar = tqdm(range(self.start, end), initial=self.start, total=c.steps, disable=not (progress and main), desc="train")
-    if main and self.start == 0:
-        log(f"{c.model}/{c.preset}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}; "
-            f"{len(self.train_ids):,} train / {len(self.val_ids):,} validation tokens")
     t0 = time.perf_counter()
     for step in bar: self._after_step(step, end, self.step(step), bar, t0)
     bar.close()
@@ -357,10 +437,10 @@ def _run(self, stop_at: int | None = None, progress: bool = True, log=print) -> 
               "seconds": time.perf_counter() - t0, "params": m.num_params(), "params_no_embedding": m.num_params(False),
               "active_params_no_embedding": m.num_params(False, active=True), "model_config": asdict(m.config),
               "mlp_hidden": getattr(m.config, "mlp_hidden", None)}
-    if main and c.sample_tokens:
-        result["sample"] = sample_text(m, self.tok, "\n", c.sample_tokens, seed=c.seed)
+    if main and c.sample_tokens: result["sample"] = sample_text(m, self.tok, "\n", c.sample_tokens, seed=c.seed)
+    if main:
         log(f"validation: {result['val_bpb']:.3f} bits/byte after {end} steps ({result['seconds']:.0f} s); "
-            f"checkpoint: {self.path}\n--- sample ---\n{result['sample']}")
+            f"checkpoint: {self.path}" + (f"\n--- sample ---\n{result['sample']}" if "sample" in result else ""))
     return result
 
 
@@ -368,17 +448,19 @@ Trainer._after_step, Trainer.run = _after_step, _run
 
 
 def train(c: TrainConfig, resume: str | Path | None = None, stop_at: int | None = None, progress: bool = True,
-          log=print) -> dict:
+          log=print, allow_changes: bool = False) -> dict:
     """Train `c.model` on the embedded corpus; evaluate validation bits per byte every `c.eval_every` steps; save
     `<out_dir>/checkpoint.safetensors`. `resume` continues from a checkpoint exactly (same batches, same optimizer
-    state); `stop_at` ends the run early at that step (with a checkpoint), as an interruption would."""
-    return Trainer(c, resume).run(stop_at, progress, log)
+    state), and refuses settings other than the checkpoint's (but a larger `steps`) unless `allow_changes`;
+    `stop_at` ends the run early at that step (with a checkpoint), as an interruption would."""
+    return Trainer(c, resume, allow_changes).run(stop_at, progress, log)
 
 
 def sample_text(model: nn.Module, tok, prompt: str, n: int, temperature: float = 0.8, top_k: int | None = 50,
                 seed: int = 0) -> str:
-    "Decode a sample of `n` tokens continuing `prompt`."
-    ids = tok.encode(prompt).ids or [tok.token_to_id(EOT)]
+    """Decode a sample of `n` tokens continuing `prompt`, which begins a text: the model first reads `EOT`, as it did
+    before every play in training (from a bare new line, greedy decoding would only repeat it)."""
+    ids = [tok.token_to_id(EOT), *tok.encode(prompt).ids]
     was_training = model.training
     model.eval()
     out = generate(model, [ids], n, temperature, top_k, seed)[0]

@@ -490,3 +490,6 @@ def vectorhull_suite(args):
                 return f"{r.note}; flop x {r.flops / mlp.flops:.2f}; floor {floor:.3f} ms{vs_legacy}"
             rows += compare([replace(r, note=notes(r)) for r in part], mlp.name)
     return rows
+
+
+vectorhull_suite.opts = ("petals", "variants")   # the --opt keys it reads

@@ -104,8 +104,11 @@ def test_checkpoints_of_the_flat_layout_still_load(name):
 
 
 def test_a_checkpoint_without_a_model_gets_one_clear_line(tmp_path):
+    "`save_checkpoint(path, model)` of a library model describes the model itself; of anything else, a clear error."
     m, _ = _model_and_opt()
     path = save_checkpoint(tmp_path / "bare.safetensors", m)
+    assert load_model(path)[0].config == m.config
+    path = save_checkpoint(tmp_path / "linear.safetensors", torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="describes no model"):
         load_model(path)
     path = save_checkpoint(tmp_path / "odd.safetensors", m, meta={"family": "nope", "model_config": {}})

@@ -65,6 +65,7 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
              "--out", tmp_path / "m.json")
     assert r.returncode == 0, r.stderr
     assert "matmul n=128" in r.stdout and "TFLOP/s" in r.stdout
+    assert "% ref matmul" in r.stdout and "% peak" not in r.stdout, "the ratio is to the reference matmul, not a peak"
     rows = json.loads((tmp_path / "m.json").read_text())["results"]
     assert {row["name"] for row in rows} >= {"matmul n=64", "matmul n=128"}
     assert all(row["env"]["torch"] for row in rows)
@@ -91,12 +92,159 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     (["train", "--model", "routed_modulo", "--set", "experts.route=hash"], "pick the model kind instead of overriding"),
     (["compare", "--models", "dense", "nope"], "unknown model(s) ['nope']"),
     (["compare", "--models", "dense", "--jobs", "0"], "--jobs must be >= 1"),
+    # a device that is not one, or not here
+    (["train", "--device", "tpu"], "--device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["generate", "--device", "tpu"], "--device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["generate", "--device", "cuda:7"], "--device: 'cuda:7' requested but"),
+    # values that make no sense, named by their flag
+    (["generate", "--temperature", "nan"], "--temperature: expected a number >= 0 and < inf, got nan"),
+    (["generate", "--temperature", "inf"], "--temperature: expected a number >= 0 and < inf, got inf"),
+    (["generate", "--top-k", "-2"], "--top-k: expected an integer >= 1"),
+    (["generate", "--seed", "-1"], "--seed: expected an integer >= 0"),
+    (["train", "--grad-clip", "-1"], "--grad-clip: expected a number > 0, got -1.0"),
+    (["train", "--weight-decay", "-1"], "--weight-decay: expected a number >= 0"),
+    (["train", "--lr", "inf"], "--lr: expected a number > 0 and < inf"),
+    (["train", "--min-lr-ratio", "2"], "--min-lr-ratio: expected a number >= 0 and <= 1"),
+    (["train", "--sample-tokens", "-1"], "--sample-tokens: expected an integer >= 0"),
+    (["train", "--eval-tokens", "-1"], "--eval-tokens: expected an integer >= 0"),
+    (["train", "--allow-changes"], "--allow-changes: goes with --resume"),
+    (["compare", "--grad-clip", "0"], "--grad-clip: expected a number > 0"),
+    # the benchmark harness: a suite's own errors, and options no suite reads
+    (["bench", "model", "--models", "nosuch"], "--models: unknown model(s) ['nosuch']"),
+    (["bench", "model", "--preset", "huge"], "--preset: unknown preset 'huge'"),
+    (["bench", "matmul", "--opt", "foo=1"], "suite 'matmul' reads no option 'foo'; it takes none"),
+    (["bench", "petals", "--opt", "petal=2"], "suite 'petals' reads no option 'petal'; its options: petals, depth"),
 ])
 def test_bad_arguments_give_one_clear_line(args, message):
     r = mice(*args)
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]          # argparse's own errors come after its usage line
+    assert message in last and len(last) < 400, last
+    if not r.stderr.startswith("usage:"): assert r.stderr.count("\n") == 1, r.stderr
+    assert not re.search(r"TrainConfig|\btop_k\b|max_new_tokens|\bgrad_clip\b|\bweight_decay\b", r.stderr), r.stderr
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("batch_size", -1), ("weight_decay", -1.0), ("grad_clip", 0.0),
+                                          ("lr", float("nan")), ("eval_tokens", 0), ("device", "tpu"),
+                                          ("preset", "huge"), ("model", "nope"), ("compile", "yes")])
+def test_train_config_checks_every_field_in_one_place(field, value):
+    "The Python API refuses what the command line refuses, with the field's name (the CLI maps it to the flag)."
+    from mice.cli import FLAGS, cli_message
+    from mice.training import TrainConfig
+    with pytest.raises(ValueError, match=f"^{field}: ") as e: TrainConfig(**{field: value})
+    assert cli_message(e.value).startswith(FLAGS[field] + ": "), cli_message(e.value)
+
+
+def test_flags_name_every_field():
+    "One mapping from internal names to flags; every TrainConfig field has a flag that `mice train` takes."
+    from dataclasses import fields
+    from mice.cli import FLAGS, parser
+    from mice.training import TrainConfig
+    train = next(a for a in parser()._actions if a.dest == "command").choices["train"]
+    flags = {s for a in train._actions for s in a.option_strings}
+    missing = [f.name for f in fields(TrainConfig) if FLAGS[f.name] not in flags]
+    assert not missing, missing
+    assert {"--tokens", "--top-k", "--temperature", "--prompt"} <= {FLAGS[k] for k in ("max_new_tokens", "top_k",
+                                                                                      "temperature", "prompts")}
+
+
+def test_generate_from_a_checkpoint_saved_without_meta(tmp_path):
+    "A library model saved by `save_checkpoint(path, model)` describes itself; anything else is one clear line."
+    import torch.nn as nn
+    from mice.data import load_tokenizer
+    from mice.models import build_model
+    from mice.training import save_checkpoint
+    V = load_tokenizer().get_vocab_size()
+    small = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1)
+    save_checkpoint(tmp_path / "bare.safetensors", build_model("dense", "tiny", vocab_size=V, **small))
+    r = mice("generate", "--checkpoint", tmp_path / "bare.safetensors", "--tokens", "5", "--prompt", "ROMEO:")
+    assert r.returncode == 0 and r.stdout.startswith("ROMEO:"), r.stderr
+    save_checkpoint(tmp_path / "v50.safetensors", build_model("dense", "tiny", vocab_size=50, **small))
+    save_checkpoint(tmp_path / "linear.safetensors", nn.Linear(2, 2))
+    for name, message in (("v50", "its model has 50 token ids, the tokenizer"), ("linear", "describes no model")):
+        r = mice("generate", "--checkpoint", tmp_path / f"{name}.safetensors", "--tokens", "5")
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_resume_refuses_changed_settings_and_never_overwrites(tmp_path):
+    "A resume continues a run exactly: other settings than the checkpoint's (but a larger --steps) are refused in one line"
+    " naming them, before anything is written; a fresh run does not replace a checkpoint unless asked to."
+    r = mice("train", "--steps", "4", "--eval-every", "2", "--out-dir", tmp_path, *SMALL)
+    assert r.returncode == 0, r.stderr
+    ck = tmp_path / "checkpoint.safetensors"
+    good = ck.read_bytes()
+    r = mice("train", "--steps", "6", "--eval-every", "2", "--out-dir", tmp_path, "--resume", *SMALL,
+             "--lr", "0.5", "--batch-size", "8", "--seq-len", "16")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and len(r.stderr) < 400, r.stderr
+    for change in ("--lr=0.003 → 0.5", "--batch-size=4 → 8", "--seq-len=32 → 16", "--allow-changes"):
+        assert change in r.stderr, r.stderr
+    r = mice("train", "--steps", "6", "--eval-every", "2", "--out-dir", tmp_path, *SMALL)
+    assert r.returncode == 2 and "--overwrite" in r.stderr, r.stderr
+    r = mice("train", "--steps", "4", "--eval-every", "2", "--out-dir", tmp_path, "--resume", *SMALL)
+    assert r.returncode == 2 and "ask for more steps than that (--steps=4)" in r.stderr, r.stderr
+    assert ck.read_bytes() == good, "a refused run leaves the checkpoint as it was"
+    r = mice("train", "--steps", "6", "--eval-every", "2", "--out-dir", tmp_path, "--resume", "--allow-changes", *SMALL,
+             "--lr", "0.005", "--sample-tokens", "0")
+    assert r.returncode == 0, r.stderr
+    assert "resumed at step 4" in r.stdout and "validation:" in r.stdout, "--sample-tokens 0 keeps the summary"
+    assert "--- sample ---" not in r.stdout
+    from mice.training import load_checkpoint
+    saved = load_checkpoint(ck)
+    assert saved.step == 6 and saved.meta["train_config"]["lr"] == 0.005
+    r = mice("train", "--steps", "2", "--eval-every", "2", "--out-dir", tmp_path, "--overwrite", *SMALL)
+    assert r.returncode == 0 and load_checkpoint(ck).step == 2, r.stderr
+
+
+def test_header_is_a_line_of_its_own(tmp_path):
+    "The run's header is printed before the progress bar's first frame, not glued after it."
+    import os
+    r = subprocess.run([bin_path("mice"), "train", "--steps", "2", "--eval-every", "2", "--out-dir", str(tmp_path),
+                        *[a for a in SMALL if a != "--no-progress"]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert r.returncode == 0, r.stdout
+    lines = re.split(r"[\r\n]", r.stdout)
+    header = next(line for line in lines if "parameters on" in line)
+    assert header.startswith("dense/tiny: "), repr(header)
+    assert r.stdout.index("parameters on") < r.stdout.index("train:"), "the header comes before the bar"
+
+
+def _parsers():
+    "Every argparse parser the `mice` command uses: the main one, each subcommand's and the benchmark harness's."
+    import argparse
+    from unittest import mock
+    from mice import bench
+    from mice.cli import SUITES, parser
+    p = parser()
+    subs = next(a for a in p._actions if a.dest == "command").choices
+    seen = []
+    def capture(self, *a, **k):
+        seen.append(self)
+        raise SystemExit(0)
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture), pytest.raises(SystemExit):
+        bench.parse_args(["matmul"], SUITES)
+    return {"mice": p, **{f"mice {k}": v for k, v in subs.items() if k != "bench"}, "mice bench": seen[0]}
+
+
+def test_help_says_what_each_option_does():
+    "Every option's help says what it does, not only its default."
+    import argparse
+    bare = []
+    for name, p in _parsers().items():
+        for a in p._actions:
+            text = (a.help or "").replace("%(default)s", "X")
+            words = re.sub(r"\(default[^)]*\)", "", text).strip()
+            if a.dest != "help" and not isinstance(a, argparse._SubParsersAction) and len(words.split()) < 3: bare.append(f"{name} {'/'.join(a.option_strings) or a.dest}")
+    assert not bare, bare
+    assert mice("bench", "-h").stdout.startswith("usage: mice bench")
+
+
+def test_greedy_sample_from_the_default_prompt_is_text(default_run):
+    "`mice generate --temperature 0` from the default prompt (a new line) prints text, not blank lines."
+    out, _ = default_run
+    r = mice("generate", "--checkpoint", out / "checkpoint.safetensors", "--temperature", "0", "--tokens", "40")
+    assert r.returncode == 0 and len(r.stdout.split()) >= 5 and r.stderr == "", (r.stdout, r.stderr)
 
 
 @pytest.mark.parametrize("damage", ["random bytes", "truncated", "flipped byte", "other safetensors"])
@@ -145,3 +293,91 @@ def test_train_and_generate_a_mechanism_kind(tmp_path):
     assert "mu_inl/tiny" in r.stdout
     r = mice("generate", "--checkpoint", tmp_path / "checkpoint.safetensors", "--prompt", "ROMEO:", "--tokens", "5")
     assert r.returncode == 0 and r.stdout.startswith("ROMEO:"), r.stderr
+
+
+# --- data sources and mixes (mice.sources) ---
+FAST = ["--steps", "2", "--eval-every", "2", "--no-full-final-eval", *SMALL]
+
+
+def ckpt_meta(out):
+    from mice.training import load_checkpoint
+    return load_checkpoint(out / "checkpoint.safetensors").meta
+
+
+def test_train_on_a_mix_reports_each_source(tmp_path):
+    r = mice("train", "--data", "plays=1", "bible=1", "cot=0.5", "--out-dir", tmp_path, *FAST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = [line for line in r.stdout.splitlines() if line.startswith("step     2")][0]
+    assert all(f"  {s} " in last for s in ("plays", "bible", "cot")), last
+    meta = ckpt_meta(tmp_path)
+    assert meta["train_config"]["data"] == {"bible": 1.0, "cot": 0.5, "plays": 1.0}
+    rows = meta["data_state"]["rows"]
+    assert sum(rows.values()) == 2 * 4 and rows["cot"] < rows["plays"], rows      # 2 steps of 4 rows, weights 2:2:1
+    r = mice("train", "--data", "plays=1", "bible=1", "cot=0.5", "--out-dir", tmp_path, "--resume",
+             *FAST[:1], "4", *FAST[2:])
+    assert r.returncode == 0 and "step     4" in r.stdout, r.stderr[-3000:]
+    assert sum(ckpt_meta(tmp_path)["data_state"]["rows"].values()) == 4 * 4, "the resumed stream continues"
+
+
+@pytest.mark.parametrize("flags, mix", [
+    (["--dataset-conversational"], {"plays": 1.0}),
+    (["--dataset-reasoning"], {"reasoning": 1.0}),
+    (["--dataset-cot"], {"cot": 1.0}),
+    (["--dataset-bible"], {"bible": 1.0}),
+    (["--dataset-conversational", "--dataset-cot", "--data", "reasoning=0.5"],
+     {"cot": 1.0, "plays": 1.0, "reasoning": 0.5}),
+])
+def test_dataset_flags_choose_the_sources(tmp_path, flags, mix):
+    r = mice("train", *flags, "--out-dir", tmp_path, *FAST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = ckpt_meta(tmp_path)
+    assert meta["train_config"]["data"] == mix
+    if mix == {"plays": 1.0}:
+        assert "data_state" not in meta, "the plays alone keep the get_batch path"
+    else:
+        assert {k for k, v in meta["data_state"]["rows"].items() if v} == set(mix), meta["data_state"]
+        assert f"data {mix}" in r.stdout
+
+
+def test_data_path_trains_on_a_folder(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6): (corpus / f"part{i}.txt").write_text(f"Line {i} of a small corpus, said the clerk.\n" * 60)
+    r = mice("train", "--data-path", corpus, "--out-dir", tmp_path / "run", *FAST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mix = ckpt_meta(tmp_path / "run")["train_config"]["data"]
+    assert mix == {f"text:{corpus.resolve()}": 1.0}, mix
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "wiki=1"], "unknown source 'wiki'"),
+    (["--data", "plays=-1"], "data['plays']: expected a number >= 0"),
+    (["--data", "plays=0"], "at least one weight must be > 0"),
+    (["--data", "plays"], "--data: expected SOURCE=WEIGHT, got 'plays'"),
+    (["--data", "plays=lots"], "--data plays: expected a number, got 'lots'"),
+    (["--data-path", "/no/such/folder"], "no such file or folder"),
+    (["--data-path", "EMPTY"], "the folder has no .txt/.md/.rst/.text files"),
+])
+def test_bad_data_arguments_give_one_clear_line(tmp_path, args, message):
+    args = [str(tmp_path) if a == "EMPTY" else a for a in args]
+    r = mice("train", *args, "--out-dir", tmp_path, *FAST)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_bench_data_suite_on_cpu():
+    r = mice("bench", "data", "--device", "cpu", "--opt", "batch=4", "--opt", "seq=64", "--repeat", "3",
+             "--warmup", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "get_batch plays B=4 T=64" in r.stdout and "mixed all B=4 T=64" in r.stdout, r.stdout
+
+
+def test_ddp_on_a_mix_splits_each_batch_between_ranks(tmp_path):
+    "With two ranks the stream gives 2 x batch-size rows per step, and each rank trains on its half."
+    r = subprocess.run([bin_path("torchrun"), "--standalone", "--nproc_per_node", "2", bin_path("mice"), "train",
+                        "--data", "plays=1", "cot=1", "--out-dir", str(tmp_path), *FAST],
+                       capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("validation:") == 1, "only rank 0 reports"
+    assert ckpt_meta(tmp_path)["data_state"]["rows"] == {"cot": 8, "plays": 8}   # 2 steps x 2 ranks x 4 rows

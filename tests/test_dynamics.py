@@ -227,9 +227,12 @@ def test_checkpoint_resume_is_exact(kind, tmp_path):
     assert a.step == b.step == 4 and all(torch.equal(a.model[k], b.model[k]) for k in a.model)
     assert whole["val_bpb"] == resumed["val_bpb"]
     assert any("dynamics" in k for k in a.model) and a.meta["model_config"]["inl"]
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="other settings: model='mu_inl' → 'mu'"):
         train(TrainConfig(steps=6, out_dir=str(tmp_path / "b"), **{**small, "model": "mu"}),
               resume=tmp_path / "b" / "checkpoint.safetensors", **quiet)
+    with pytest.raises(ValueError, match="does not match"):
+        train(TrainConfig(steps=6, out_dir=str(tmp_path / "b"), **{**small, "model": "mu"}),
+              resume=tmp_path / "b" / "checkpoint.safetensors", allow_changes=True, **quiet)
 
 
 def test_old_dense_checkpoint_still_resumes(tmp_path):

@@ -17,7 +17,7 @@ from mice.utils import dead_parameters
 
 FEW = settings(max_examples=15, deadline=None)
 D64 = torch.float64
-ALL = ("euclidean", "poincare", "lorentz", "sphere", "simplex", "phase")
+ALL = ("euclidean", "poincare", "lorentz", "sphere", "simplex", "phase", "product")
 
 
 # ---------------------------------------------------------------- maps
@@ -179,14 +179,14 @@ def test_gradient_reaches_router_every_curvature_and_weight():
     (moe(x).square().sum() + moe.aux_loss).backward()
     assert dead_parameters(moe) == []
     curv = [p.grad for n, p in moe.named_parameters() if "curvature" in n]
-    assert len(curv) == 5 and all((g != 0).all() for g in curv)
+    assert len(curv) == 7 and all((g != 0).all() for g in curv)               # product: a ball and a sphere
     assert moe.router.weight.grad.abs().sum() > 0 and moe.router.beta.grad.abs().sum() > 0
     assert {n for n, _ in moe.named_parameters() if "router" in n} == {"router.weight", "router.beta"}
     assert all(n.startswith(("router.", "experts.", "shared.")) for n, _ in moe.named_parameters())
 
 
 def test_bf16_autocast_and_fp32_curvature():
-    moe = GeometricMoE(32, 16, GeometricConfig(n_experts=6, manifolds=ALL, top_k=2))
+    moe = GeometricMoE(32, 16, GeometricConfig(n_experts=7, manifolds=ALL, top_k=2))
     x = torch.randn(2, 8, 32, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = moe(x)
@@ -233,7 +233,7 @@ def test_bias_balancing_off_by_default_and_in_the_config():
 
 
 def test_compiles_in_one_graph():
-    moe = GeometricMoE(64, 64, GeometricConfig(n_experts=6, manifolds=ALL, top_k=2, bias_rate=1e-3)).bfloat16()
+    moe = GeometricMoE(64, 64, GeometricConfig(n_experts=7, manifolds=ALL, top_k=2, bias_rate=1e-3)).bfloat16()
     x = torch.randn(2, 16, 64, dtype=torch.bfloat16, requires_grad=True)
     moe.eval()
     want = moe(x)
@@ -262,7 +262,48 @@ def test_bad_inputs():
         GeometricMoE(16, 8)(torch.randn(4, 8))
     with pytest.raises(TypeError, match="config: expected a GeometricConfig"):
         GeometricMoE(16, 8, MoEConfig())
+    with pytest.raises(ValueError, match="c: expected a number > 0"):
+        poincare_exp0(torch.ones(2, 3), 0.0)
+    with pytest.raises(ValueError, match="c: expected a curvature > 0"):
+        sphere_log0(torch.ones(2, 3), torch.tensor([[0.5], [-0.5]]))
+    with pytest.raises(ValueError, match="s: expected a number > 0"):
+        phase_exp0(torch.ones(2, 3), -2.0)
     with pytest.raises(ValueError, match="manifold: expected one of"):
         product_exp0(torch.zeros(2, 3), (("klein", 3),), [1.0])
     with pytest.raises(ValueError, match="c: expected 2 curvatures"):
         product_exp0(torch.zeros(2, 3), (("poincare", 1), ("sphere", 2)), [1.0])
+
+
+class _NanGradPastEnd(torch.autograd.Function):
+    "Identity whose backward puts NaN into the rows `mask` (as grouped_mm may leave rows past offs[-1] undefined)."
+    @staticmethod
+    def forward(ctx, x, mask):
+        ctx.save_for_backward(mask)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        mask, = ctx.saved_tensors
+        return torch.where(mask[:, None], float("nan"), g), None
+
+
+def test_rows_past_a_groups_end_never_leak(monkeypatch):
+    "grouped_mm leaves rows past offs[-1] undefined, forward and backward: poison them, the mixture must not notice."
+    import mice.geometric as geo
+    real = geo.grouped_linear
+    def poisoned(x, w, offs, impl="auto"):
+        past = torch.arange(x.shape[0]) >= offs[-1]
+        y = real(_NanGradPastEnd.apply(x, past), w, offs, impl)
+        return torch.where(past[:, None], float("nan"), y)
+    moe = _moe()
+    x = (0.5 * torch.randn(3, 20, 16, dtype=D64)).requires_grad_()
+    def run():
+        moe.zero_grad()
+        x.grad = None
+        y = moe(x)
+        (y.square().sum() + moe.aux_loss).backward()
+        return [y.detach(), x.grad.clone()] + [p.grad.clone() for p in moe.parameters()]
+    clean = run()
+    monkeypatch.setattr(geo, "grouped_linear", poisoned)
+    dirty = run()
+    assert all(torch.isfinite(d).all() and torch.allclose(c, d, atol=1e-12) for c, d in zip(clean, dirty))

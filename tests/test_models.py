@@ -108,3 +108,42 @@ def test_generate_rejects_bad_arguments():
                         (dict(prompts=[[1] * 5], max_new_tokens=5), "max_seq_len")]:
         with pytest.raises(ValueError, match=msg):
             generate(model, **kwargs)
+
+
+def test_generate_takes_ids_lists_and_padded_tensors():
+    "`generate` accepts one list of ids, a list of them, or an id tensor with an attention mask; each comes back in kind."
+    torch.manual_seed(0)
+    m = DenseModel(DenseConfig(vocab_size=61, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64)).eval()
+    lists = generate(m, [[1, 2, 3], [7, 8]], 4, temperature=0)
+    one = generate(m, [1, 2, 3], 3)
+    assert isinstance(one, list) and len(one) == 6 and one[:3] == [1, 2, 3] and all(isinstance(t, int) for t in one)
+    assert generate(m, [1, 2, 3], 4, temperature=0) == lists[0]
+    right = torch.tensor([[1, 2, 3], [7, 8, 0]])           # padded on the right, as a tokenizer pads a batch
+    left = torch.tensor([[1, 2, 3], [0, 7, 8]])
+    for ids, mask in ((right, right != 0), (left, left != 0)):
+        out = generate(m, ids, 4, temperature=0, attention_mask=mask.long())
+        assert isinstance(out, torch.Tensor) and out.shape == (2, 7) and out.dtype == ids.dtype
+        assert out[0].tolist() == lists[0] and out[1, 3:].tolist() == lists[1][2:]
+    assert generate(m, torch.tensor([[1, 2, 3]]), 4, temperature=0)[0].tolist() == lists[0]
+
+
+@pytest.mark.parametrize("prompts, kw, error, message", [
+    ("ROMEO", {}, TypeError, "prompts: expected a list of token ids, a list of such lists, or an integer tensor"),
+    (3, {}, TypeError, "got int"),
+    ([1.5, 2.0], {}, TypeError, "got list of float"),
+    ([[1, 2], "ab"], {}, TypeError, "prompts: expected"),
+    (torch.zeros(2, 3), {}, TypeError, "dtype torch.float32"),
+    (torch.ones(3, dtype=torch.long), {}, TypeError, "shape (3,)"),
+    (torch.ones(2, 3, dtype=torch.long), {"attention_mask": torch.ones(2, 4)}, TypeError, "attention_mask: expected"),
+    ([1, 2], {"attention_mask": torch.ones(1, 2)}, TypeError, "attention_mask: goes with a tensor"),
+    ([[1, 2], []], {}, ValueError, "non-empty"),
+    ([1, 99], {}, ValueError, "prompts: token ids must lie in [0, 61), got 99"),
+    ([1, 2], {"temperature": float("nan")}, ValueError, "temperature: expected a number >= 0"),
+    ([1, 2], {"temperature": float("inf")}, ValueError, "temperature: expected a number >= 0 and < inf"),
+    ([1, 2], {"top_k": 0}, ValueError, "top_k: expected an integer >= 1"),
+    ([1, 2], {"max_new_tokens": -1}, ValueError, "max_new_tokens: expected an integer >= 0"),
+])
+def test_generate_says_what_it_expects(prompts, kw, error, message):
+    m = DenseModel(DenseConfig(vocab_size=61, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=64)).eval()
+    with pytest.raises(error) as e: generate(m, prompts, **{"max_new_tokens": 3, **kw})
+    assert message in str(e.value), str(e.value)
