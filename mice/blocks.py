@@ -79,7 +79,8 @@ def causal_mask(T: int, start: int = 0, valid: Tensor | None = None, device=None
 
 # %% ../nbs/foundation/02_blocks.ipynb #013101bf
 class KVCache:
-    "Preallocated keys and values for every layer, with the padding mask of the tokens seen so far."
+    """Preallocated keys and values for every layer, with the padding mask of the tokens seen so far; `state` holds,
+    by layer, what a block carries from one call to the next besides keys and values (a working memory)."""
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
                  device=None, dtype=torch.float32):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
@@ -87,6 +88,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.ones(batch, max_len, device=device, dtype=torch.bool)
         self.length, self.max_len, self.padded = 0, max_len, False
+        self.state: dict[int, object] = {}   # per layer: what a block carries across calls besides keys and values
 
     def layer(self, i: int) -> tuple[Tensor, Tensor]: return self.k[i], self.v[i]
 
@@ -119,16 +121,24 @@ class Attention(nn.Module):
         "Output widths of the query, key and value projections: H d_h, H_kv d_h, H_kv d_h."
         return [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, mask: Tensor | None = None,
-               kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
-        """Everything after the input projections: `q` [B, T, H d_h], `k`, `v` [B, T, H_kv d_h] -> per-head QK-norm,
-        RoPE, cache write, SDPA, output projection."""
+    def heads(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, kv: tuple[Tensor, Tensor] | None = None,
+              start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-head `q` [B, H, T, d_h] and the keys and values to attend to [B, H_kv, start+T, d_h] (QK-norm, RoPE;
+        with a cache `kv`, the new keys and values are written at `start:start+T` and all `start+T` returned)."""
         B, T, _ = q.shape
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = self.rope(self.q_norm(q), pos), self.rope(self.k_norm(k), pos)
         if kv is not None:
             kv[0][:, :, start:start + T], kv[1][:, :, start:start + T] = k, v
             k, v = kv[0][:, :, :start + T], kv[1][:, :, :start + T]
+        return q, k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, mask: Tensor | None = None,
+               kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
+        """Everything after the input projections: `q` [B, T, H d_h], `k`, `v` [B, T, H_kv d_h] -> per-head QK-norm,
+        RoPE, cache write, SDPA, output projection."""
+        B, T, _ = q.shape
+        q, k, v = self.heads(q, k, v, pos, kv, start)
         if mask is None and start > 0 and T > 1:
             raise ValueError("a cached step of several tokens needs the mask from causal_mask(T, start)")
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,

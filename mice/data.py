@@ -6,7 +6,7 @@
 __all__ = ['DATA_DIR', 'SPLITS', 'EOT', 'corpus_dir', 'strip_markdown', 'make_manifest', 'read_manifest', 'text_files',
            'load_split', 'train_tokenizer', 'load_tokenizer', 'tokenizer_digest', 'encode_documents', 'token_path',
            'token_ids', 'token_bytes', 'count_bytes', 'bits_per_byte', 'get_batch', 'iter_eval_batches', 'ngram_floors',
-           'shuffled', 'max_affine', 'log_sum_exp', 'squared_norm', 'copy_task']
+           'shuffled', 'max_affine', 'log_sum_exp', 'squared_norm', 'copy_task', 'mqar', 'passkey']
 
 # %% ../nbs/foundation/03_data.ipynb #be49ec66
 import hashlib, importlib.metadata, importlib.util, itertools, json, math, os, re
@@ -269,3 +269,32 @@ def copy_task(n: int, seq_len: int, vocab: int, g: torch.Generator):
     t = torch.randint(1, vocab, (n, seq_len), generator=g)
     seq = torch.cat([t, torch.zeros(n, 1, dtype=torch.long), t], 1)
     return seq[:, :-1], seq[:, 1:], (torch.arange(2 * seq_len) >= seq_len).expand(n, -1)
+
+# %% ../nbs/foundation/03_data.ipynb #fbfdebaf
+def mqar(n: int, seq_len: int, vocab: int, pairs: int, g: torch.Generator):
+    "x, y (n, seq_len): `pairs` key-value pairs, filler 0, then the keys again with their values; `mask`: the values."
+    check_int("n", n), check_int("pairs", pairs), check_int("vocab", vocab, low=2 * pairs + 1)
+    check_int("seq_len", seq_len, low=4 * pairs)
+    K = (vocab - 1) // 2
+    keys = torch.rand(n, K, generator=g).argsort(-1)[:, :pairs] + 1                 # distinct keys in 1..K
+    values = torch.randint(K + 1, vocab, (n, pairs), generator=g)
+    order = torch.rand(n, pairs, generator=g).argsort(-1)
+    context = torch.stack([keys, values], -1).flatten(1)
+    queries = torch.stack([keys.gather(1, order), values.gather(1, order)], -1).flatten(1)
+    filler = torch.zeros(n, seq_len + 1 - 4 * pairs, dtype=torch.long)
+    seq = torch.cat([context, filler, queries], 1)
+    mask = torch.zeros(seq_len, dtype=torch.bool)
+    mask[seq_len - 2 * pairs + 1::2] = True                                         # y there is a query's value
+    return seq[:, :-1], seq[:, 1:], mask.expand(n, -1)
+
+
+def passkey(n: int, seq_len: int, vocab: int, digits: int, g: torch.Generator):
+    "x, y (n, seq_len): marker 1, a key of `digits` tokens, random filler, marker 2, the key; `mask`: its digits."
+    check_int("n", n), check_int("digits", digits), check_int("vocab", vocab, low=14)
+    check_int("seq_len", seq_len, low=2 * digits + 2)
+    key = torch.randint(3, 13, (n, digits), generator=g)
+    filler = torch.randint(13, vocab, (n, seq_len - 1 - 2 * digits), generator=g)
+    one, two = torch.ones(n, 1, dtype=torch.long), torch.full((n, 1), 2)
+    seq = torch.cat([one, key, filler, two, key], 1)
+    mask = torch.arange(seq_len) >= seq_len - digits
+    return seq[:, :-1], seq[:, 1:], mask.expand(n, -1)

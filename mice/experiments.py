@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_experiments.ipynb #bcc0eac3
 from __future__ import annotations
-import json, os, statistics, tempfile, time
+import json, math, os, statistics, tempfile, time
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
@@ -19,7 +19,8 @@ from .routing import routing_stats
 from .training import TrainConfig, TrainStep, load_model, make_optimizer, parallelize, train
 
 # %% auto #0
-__all__ = ['tokens_to_target', 'summarize_runs', 'compare_runs', 'trained_routing_stats', 'model_suite']
+__all__ = ['TOKEN_CLASSES', 'tokens_to_target', 'summarize_runs', 'compare_runs', 'trained_routing_stats', 'token_classes',
+           'routing_specialisation', 'curvatures', 'geometric_training', 'model_suite']
 
 # %% ../nbs/09_experiments.ipynb #6f6e3516
 def _one_run(c: dict) -> dict:
@@ -173,6 +174,90 @@ def trained_routing_stats(kind: str, seed: int = 0, val_tokens: int = 8192, seq_
     device = "cuda" if torch.cuda.is_available() else "cpu"
     val = torch.as_tensor(np.asarray(token_ids("val")[: val_tokens // seq_len * seq_len], dtype=np.int64))
     return routing_stats(model.to(device).eval(), val.view(-1, seq_len).to(device))
+
+# %% ../nbs/09_experiments.ipynb #ba483bf8
+TOKEN_CLASSES = ("word", "piece", "name", "punct", "space", "other")
+
+
+def token_classes(tok) -> np.ndarray:
+    "The class (an index into `TOKEN_CLASSES`) of every token id of tokenizer `tok`, from its decoded text."
+    def cls(s: str) -> int:
+        core = s.strip()
+        if not core: return 4
+        if core.isalpha() and core.isupper() and len(core) > 1: return 2
+        if core.isalpha(): return 0 if s[0].isspace() else 1
+        if all(not ch.isalnum() for ch in core): return 3
+        return 5
+    return np.array([cls(tok.decode([i])) for i in range(tok.get_vocab_size())], dtype=np.int64)
+
+
+def _mutual_information(a: np.ndarray, b: np.ndarray) -> float:
+    "I(A; B) in bits from paired samples of two discrete variables."
+    joint = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(joint, (a, b), 1)
+    joint /= joint.sum()
+    outer = joint.sum(1, keepdims=True) @ joint.sum(0, keepdims=True)
+    nz = joint > 0
+    return float((joint[nz] * np.log2(joint[nz] / outer[nz])).sum())
+
+# %% ../nbs/09_experiments.ipynb #a4000c11
+@torch.no_grad()
+def routing_specialisation(model: torch.nn.Module, idx: torch.Tensor, classes: np.ndarray,
+                           groups: list[str] | None = None) -> list[dict]:
+    """Per mixture of `model` (a module with a `router` submodule and `route(rows) -> (logits, ...)`), on tokens `idx`
+    [B, T]: routing entropy (bits), load per expert, I(class; manifold type) and I(class; expert) in bits. Manifold
+    types are the experts' `expert_types()` (all "euclidean" for experts without one), or `groups` (one label per
+    expert: another model's types, as the control for a model whose experts are all flat)."""
+    moes = [m for m in model.modules() if isinstance(getattr(m, "router", None), torch.nn.Module)]
+    seen = {id(m): [] for m in moes}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen[id(mod)].append(args[0])) for m in moes]
+    try: model.eval()(idx)
+    finally:
+        for h in hooks: h.remove()
+    token_class = classes[idx.reshape(-1).cpu().numpy()]
+    rows = []
+    for layer, m in enumerate(moes):
+        x = seen[id(m)][0]
+        p = m.route(x.reshape(-1, x.shape[-1]))[0].float().softmax(-1)
+        top = p.argmax(-1).cpu().numpy()
+        types_of = getattr(m.experts, "expert_types", None)
+        kinds = list(groups or (types_of() if callable(types_of) else ["euclidean"] * p.shape[-1]))
+        kind_ids = np.array([sorted(set(kinds)).index(k) for k in kinds])
+        entropy = -(p * p.clamp_min(1e-12).log2()).sum(-1).mean().item()
+        load = np.bincount(top, minlength=p.shape[-1]) / len(top)
+        rows.append({"layer": layer, "entropy_bits": entropy, "max_entropy_bits": math.log2(p.shape[-1]),
+                     "load": load.round(4).tolist(), "manifolds": kinds,
+                     "mi_class_manifold_bits": _mutual_information(token_class, kind_ids[top]),
+                     "mi_class_expert_bits": _mutual_information(token_class, top),
+                     "class_entropy_bits": _mutual_information(token_class, token_class)})
+    return rows
+
+# %% ../nbs/09_experiments.ipynb #05da41bf
+@torch.no_grad()
+def curvatures(model: torch.nn.Module) -> dict[str, list[float]]:
+    """The curvature c of every expert, by expert bank (a module with `curvature()` and `expert_types()`; 0 for a flat
+    expert), as lists of floats."""
+    return {name: m.curvature().float().cpu().tolist() for name, m in model.named_modules()
+            if callable(getattr(m, "curvature", None)) and callable(getattr(m, "expert_types", None))}
+
+
+def geometric_training(c: TrainConfig, every: int = 50, val_tokens: int = 16384,
+                       groups: list[str] | None = None) -> dict:
+    """Train `c` with the trainer's steps, recording `curvatures` every `every` steps (and at 0 and the end); then the
+    validation bits per byte and `routing_specialisation` (with `groups`) on the first `val_tokens` validation
+    tokens."""
+    check_int("every", every)
+    from mice.training import Trainer
+    tr = Trainer(c)
+    track = [{"step": 0, **curvatures(tr.model)}]
+    for step in range(c.steps):
+        tr.step(step)
+        if (step + 1) % every == 0 or step + 1 == c.steps: track.append({"step": step + 1, **curvatures(tr.model)})
+    ev = tr.evaluate()
+    n = val_tokens // c.seq_len * c.seq_len
+    val = torch.as_tensor(np.asarray(tr.val_ids[:n], dtype=np.int64)).view(-1, c.seq_len).to(tr.device)
+    with tr.autocast(): routing = routing_specialisation(tr.model, val, token_classes(tr.tok), groups)
+    return {"model": c.model, "val_bpb": ev["bpb"], "curvatures": track, "routing": routing}
 
 # %% ../nbs/09_experiments.ipynb #706714d3
 def _train_row(name: str, compiled: bool, args, device, dtype, env: dict, ref: Result) -> Result:

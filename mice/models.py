@@ -15,12 +15,15 @@ from .blocks import RMSNorm, SwiGLU, Attention, KVCache, causal_mask, swiglu_hid
 from .attention import MuConfig, MuGuidedAttention, LegacyMuAttention
 from .dynamics import INLConfig, INLDynamics, LegacyINLDynamics, ContextualMu, mu_highway
 from .routing import RoutedConfig, MoEConfig, TokenRoutedMLP, LegacyTokenRoutedMLP, TopKMoE
+from .memory import MemoryConfig, MemoryAttention
+from .geometric import GeometricConfig, GeometricMoE
 
 # %% auto #0
-__all__ = ['FAMILIES', 'MODELS', 'FIXED', 'PRESETS', 'DecoderConfig', 'Step', 'check_tokens', 'Decoder', 'DenseConfig',
-           'topk_experts', 'DenseBlock', 'DenseModel', 'DeepConfig', 'DeepState', 'deep_attention', 'deep_mlp',
-           'DeepBlock', 'DeepModel', 'Family', 'Size', 'register_family', 'family_of', 'register_model', 'model_config',
-           'build_model', 'matched_hidden', 'from_flat_config', 'check_generation', 'prompt_lists', 'generate']
+__all__ = ['FAMILIES', 'MODELS', 'FIXED', 'PRESETS', 'EUCLIDEAN', 'DecoderConfig', 'Step', 'check_tokens', 'Decoder',
+           'DenseConfig', 'topk_experts', 'DenseBlock', 'DenseModel', 'DeepConfig', 'DeepState', 'deep_attention',
+           'deep_mlp', 'DeepBlock', 'DeepModel', 'Family', 'Size', 'register_family', 'family_of', 'register_model',
+           'model_config', 'build_model', 'matched_hidden', 'from_flat_config', 'MGMConfig', 'mgm_mlp', 'MGMBlock',
+           'MGMModel', 'check_generation', 'prompt_lists', 'generate']
 
 # %% ../nbs/08_full_models.ipynb #5df49004
 @dataclass(frozen=True)
@@ -479,6 +482,71 @@ def from_flat_config(name: str, flat: dict) -> DecoderConfig:
                           route_per_layer=g("route_per_layer", False), mu_override=g("mu_override"))
     return DeepConfig(**shape, hidden=hidden, mu=mu if g("mu_attention") else None, inl=inl if g("inl") else None,
                       experts=routed if g("mlp") == "routed" else None, legacy=legacy)
+
+# %% ../nbs/08_full_models.ipynb #eb8e2470
+@dataclass(frozen=True)
+class MGMConfig(DecoderConfig):
+    """MGM: a geometric mixture of experts in the MLP position (`experts`; None: SwiGLU of width `hidden`) and a
+    working memory read by attention (`memory`; None: plain causal attention)."""
+    hidden: int | None = None
+    experts: GeometricConfig | None = None
+    memory: MemoryConfig | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.hidden is not None: check_int("hidden", self.hidden)
+
+    @property
+    def mlp_hidden(self) -> int: return self.hidden or swiglu_hidden(self.dim)
+
+
+def mgm_mlp(c: MGMConfig, layer: int) -> nn.Module:
+    "The MLP of mgm layer `layer`: the geometric mixture of experts, or SwiGLU of width `hidden`."
+    if c.experts is None: return SwiGLU(c.dim, c.mlp_hidden)
+    return GeometricMoE(c.dim, c.experts.expert_width(c.mlp_hidden), c.experts, out_std=c.residual_std)
+
+# %% ../nbs/08_full_models.ipynb #927002e9
+class MGMBlock(nn.Module):
+    """Pre-norm block: attention (with working memory, whose state lives in the cache's `state`), then the geometric
+    mixture of experts (or SwiGLU)."""
+    def __init__(self, c: MGMConfig, layer: int):
+        super().__init__()
+        self.layer, self.has_memory = layer, c.memory is not None
+        self.attn_norm, self.mlp_norm = RMSNorm(c.dim, c.norm_eps), RMSNorm(c.dim, c.norm_eps)
+        shape = (c.dim, c.n_heads, c.n_kv_heads, c.qk_norm, c.rope_theta, c.norm_eps)
+        self.attn = Attention(*shape) if c.memory is None else MemoryAttention(*shape, memory=c.memory)
+        self.mlp = mgm_mlp(c, layer)
+
+    def forward(self, x: Tensor, step: Step, state=None) -> tuple[Tensor, None]:
+        h, kv = self.attn_norm(x), step.kv(self.layer)
+        if not self.has_memory: a = self.attn(h, step.pos, step.mask, kv, step.start)
+        else:
+            cache = step.cache
+            if cache is not None and cache.padded:
+                raise ValueError("valid: working memory counts segments in sequence positions; left padding is not "
+                                 "supported (run prompts of different lengths one at a time)")
+            memory = cache.state.get(self.layer) if cache is not None and step.start > 0 else None
+            a, memory = self.attn(h, step.pos, kv, step.start, memory)
+            if cache is not None: cache.state[self.layer] = memory
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), state
+
+
+class MGMModel(Decoder):
+    "MGM on the shared decoder: `MGMBlock`s, each with its own working memory; the memory state lives in the cache."
+    config_class = MGMConfig
+    def make_block(self, c: MGMConfig, layer: int) -> MGMBlock: return MGMBlock(c, layer)
+
+# %% ../nbs/08_full_models.ipynb #d65a5ee7
+register_family("mgm", MGMConfig, MGMModel)
+EUCLIDEAN = GeometricConfig(manifolds=("euclidean",), router="linear")
+register_model("mgm", MGMConfig(experts=GeometricConfig(), memory=MemoryConfig()), fixed=("experts.manifolds",))
+register_model("mgm_euclid", MGMConfig(experts=EUCLIDEAN, memory=MemoryConfig()),
+               fixed=("experts.manifolds", "experts.router"))
+register_model("mgm_nomem", MGMConfig(experts=GeometricConfig(), memory=MemoryConfig(slots=0)),
+               fixed=("experts.manifolds", "memory.slots"))
+register_model("dense_mem", MGMConfig(memory=MemoryConfig()))
+register_model("dense_window", MGMConfig(memory=MemoryConfig(slots=0)), fixed=("memory.slots",))
 
 # %% ../nbs/08_full_models.ipynb #bba1b816
 from numbers import Integral

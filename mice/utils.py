@@ -182,8 +182,21 @@ def config_from_dict(cls, data: dict):
     kw = {}
     for name, value in data.items():
         inner = _dataclass_in(types_[name])
-        kw[name] = config_from_dict(inner, value) if inner is not None and isinstance(value, dict) else value
+        if inner is not None and isinstance(value, dict): value = config_from_dict(inner, value)
+        elif isinstance(value, list) and _holds_tuple(types_[name]): value = _tuples(value)   # JSON has no tuples
+        kw[name] = value
     return cls(**kw)
+
+
+def _holds_tuple(hint) -> bool:
+    "Whether annotation `hint` is `tuple` (bare or parametrised), alone or in a union."
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return any(t is tuple or typing.get_origin(t) is tuple for t in options)
+
+
+def _tuples(value):
+    "A JSON list, and the lists inside it, as tuples."
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 # %% ../nbs/foundation/00_utils.ipynb #ed6a6511
 def _parse_value(text: str, hint, name: str):
