@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from dataclasses import dataclass
-from .petals import Activation, Init, Petals, positive, positive_inverse
+from .petals import Activation, Init, Petals, positive
 from .utils import check_choice, check_int, check_number, check_tensor, num_params
 
 # %% auto #0
@@ -495,7 +495,7 @@ def vectorhull_suite(args):
             rows += compare([replace(r, note=notes(r)) for r in part], mlp.name)
     return rows
 
-# %% ../nbs/01_vectorhull_atlas.ipynb #1ffb810f
+# %% ../nbs/01_vectorhull_atlas.ipynb #824f03f3
 class RunningAffineNorm(nn.Module):
     """y = softplus(r) * (x - mean) / sqrt(var + eps) + bias per channel, with running statistics of earlier training
     batches used as constants: affine in x (convexity and monotonicity are kept) and causal. A training call with
@@ -504,7 +504,7 @@ class RunningAffineNorm(nn.Module):
         super().__init__()
         self.dim = check_int("dim", dim)
         self.momentum, self.eps = check_number("momentum", momentum, gt=0, le=1), check_number("eps", eps, gt=0)
-        self.gain_raw = nn.Parameter(torch.full((dim,), positive_inverse(torch.tensor(1.0)).item()))
+        self.gain_raw = nn.Parameter(torch.full((dim,), math.log(math.expm1(1.0))))     # softplus^-1(1)
         self.bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("var", torch.ones(dim))
@@ -529,7 +529,7 @@ class RunningAffineNorm(nn.Module):
 
     def extra_repr(self): return f"{self.dim}, momentum={self.momentum}, eps={self.eps}"
 
-# %% ../nbs/01_vectorhull_atlas.ipynb #d789f9e3
+# %% ../nbs/01_vectorhull_atlas.ipynb #609ba71b
 class LegacyBatchAffineNorm(nn.Module):
     """torch-mice's `BatchAffineNorm` (study §1.6), for comparison: a training call first moves its EMA statistics
     (momentum 2e-3) towards the mean and deviation of its input over the batch and time axes, then returns
@@ -550,7 +550,7 @@ class LegacyBatchAffineNorm(nn.Module):
                 self.std.lerp_(x.std((0, 1)).to(self.std.dtype), self.momentum)
         return (x - self.mean) / (self.std + self.eps) * torch.sigmoid(self.rho) + self.beta
 
-# %% ../nbs/01_vectorhull_atlas.ipynb #00fcbd97
+# %% ../nbs/01_vectorhull_atlas.ipynb #ffbc0bde
 def legacy_embedding_table(vocab: int, dim: int, expand: int = 4, generator=None) -> Tensor:
     """torch-mice's `GeometricConvexEmbedding` table [vocab, dim] at init, float64, from the study's equations (§1.7):
     softplus table, positive linear maps 4D->D, rotation exp(K), D->4D, 4D->D, then the norm's scale sigmoid(-2)."""
@@ -591,7 +591,7 @@ def embedding_conditioning(E: Tensor, sample: int = 512) -> dict:
     return dict(cond=(s[0] / s[-1]).item(), s2_s1=(s[1] / s[0]).item(), eff_rank=math.exp(-(p * p.log()).sum().item()),
                 min_cos=off.min().item(), mean_cos=off.mean().item())
 
-# %% ../nbs/01_vectorhull_atlas.ipynb #2c77cc14
+# %% ../nbs/01_vectorhull_atlas.ipynb #a3e55bce
 @dataclass
 class WinnerShares:
     "Which group wins how much: `share` [G] of all (token, coordinate) slots, dead groups and petals, median margin."
