@@ -113,7 +113,7 @@ def test_matched_widths_and_flops():
         for name in ("convex", "convex_picnn"):
             assert abs(build_model(name, "tiny").num_params(embedding=False) / dense - 1) < 0.05, name
         legacy = build_model("convex_legacy", "tiny")
-        assert legacy.config.ffn_hidden == 2 * 192
+        assert legacy.config.mlp_hidden == 2 * 192
     m = build_model("convex", None, **SHAPE)
     f = m.blocks[0].ffn
     assert f.flops_per_token() == f.net.petals.flops_per_token()
