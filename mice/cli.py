@@ -7,21 +7,21 @@ from __future__ import annotations
 import argparse, sys
 from pathlib import Path
 import torch
-from . import bench, blocks, petals, vectorhull, attention, routing, experiments
+from . import bench, blocks, petals, vectorhull, attention, routing, experiments, sources
 from .utils import parse_assignments
 from .data import load_tokenizer, tokenizer_digest
 from .models import MODELS, PRESETS
-from .training import TrainConfig, load_model, sample_text, train
+from .training import PLAYS, TrainConfig, load_model, sample_text, train
 from .experiments import compare_runs
 
 # %% auto #0
-__all__ = ['SUITES', 'parser', 'main']
+__all__ = ['SUITES', 'DATASETS', 'parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #53ac1e43
 SUITES = {
     "matmul": bench.matmul_suite, "swiglu": blocks.swiglu_suite, "petals": petals.petals_suite,
     "vectorhull": vectorhull.vectorhull_suite, "attention": attention.attention_suite,
-    "routing": routing.routing_suite, "model": experiments.model_suite,
+    "routing": routing.routing_suite, "model": experiments.model_suite, "data": sources.data_suite,
 }
 
 # %% ../nbs/10_cli.ipynb #b5db66ab
@@ -51,6 +51,34 @@ def _train_options(t: argparse.ArgumentParser, d: TrainConfig):
     t.add_argument("--out-dir", default=d.out_dir, help="where the checkpoint(s) go (default %(default)s)")
     t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a field of the model's config (a mechanism's option by its path, e.g. inl.dt=0.2)")
+    _data_options(t)
+
+# %% ../nbs/10_cli.ipynb #c2ff81f6
+DATASETS = {"conversational": "plays", "reasoning": "reasoning", "cot": "cot", "bible": "bible"}
+
+
+def _data_options(t: argparse.ArgumentParser):
+    "The data options of `mice train` and `mice compare`."
+    t.add_argument("--data", nargs="+", default=[], metavar="SOURCE=WEIGHT",
+                   help=f"mix of sources: {', '.join(sources.SOURCES)} or text:PATH (default plays=1)")
+    t.add_argument("--data-path", action="append", default=[], metavar="PATH",
+                   help="add a text file or a folder of .txt/.md/.rst files as a source (weight 1)")
+    for flag, name in DATASETS.items():
+        t.add_argument(f"--dataset-{flag}", action="store_true", help=f"add {sources.SOURCES[name]} (weight 1)")
+
+
+def _mix(a) -> dict:
+    "The data mix `{source: weight}` of `--data`, `--data-path` and `--dataset-*` (default: the plays alone)."
+    mix = {}
+    for item in a.data:
+        name, sep, w = item.rpartition("=")
+        if not sep or not name: raise ValueError(f"--data: expected SOURCE=WEIGHT, got {item!r}")
+        try: mix[name] = float(w)
+        except ValueError: raise ValueError(f"--data {name}: expected a number, got {w!r}") from None
+    for flag, name in DATASETS.items():
+        if getattr(a, f"dataset_{flag}"): mix.setdefault(name, 1.0)
+    for path in a.data_path: mix.setdefault(sources.TEXT + str(Path(path).resolve()), 1.0)
+    return mix or dict(PLAYS)
 
 # %% ../nbs/10_cli.ipynb #c82d13fc
 def parser() -> argparse.ArgumentParser:
@@ -76,6 +104,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--jobs", type=int, default=None,
                    help="runs in parallel processes (default: all runs on a GPU, 1 on the CPU)")
     c.add_argument("--out", help="JSON file for the results (default: <out-dir>/compare.json)")
+    c.add_argument("--lrs", nargs="+", type=float, default=None, metavar="LR",
+                   help="first sweep these peak learning rates for every model (on a seed not compared), then compare "
+                        "each model at its own best (default: every model at --lr)")
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("--checkpoint", default="runs/default/checkpoint.safetensors", help="(default %(default)s)")
     g.add_argument("--prompt", default="\n")
@@ -99,7 +130,7 @@ def _config(a, name: str, **kw) -> TrainConfig:
                        min_lr_ratio=a.min_lr_ratio, warmup=a.warmup, weight_decay=a.weight_decay,
                        grad_clip=a.grad_clip, eval_every=a.eval_every, eval_tokens=a.eval_tokens or None,
                        full_final_eval=a.full_final_eval, device=a.device, compile=a.compile, out_dir=a.out_dir,
-                       model_overrides=_overrides(name, a.set), **kw)
+                       model_overrides=_overrides(name, a.set), data=_mix(a), **kw)
 
 
 def _train(a) -> dict:
@@ -127,7 +158,13 @@ def _compare(a) -> dict:
     jobs = a.jobs if a.jobs is not None else (len(a.models) * len(a.seeds) if gpu else 1)
     if jobs < 1: raise ValueError(f"--jobs must be >= 1, got {jobs}")
     out = a.out or str(Path(c.out_dir) / "compare.json")
-    r = compare_runs(a.models, a.seeds, c, match_params=a.match_params, jobs=jobs, out=out)
+    if a.lrs is not None and (bad := [x for x in a.lrs if not x > 0]):
+        raise ValueError(f"--lrs: expected learning rates > 0, got {bad}")
+    jobs = min(jobs, len(a.models) * max(len(a.seeds), len(a.lrs or [])))
+    r = compare_runs(a.models, a.seeds, c, match_params=a.match_params, jobs=jobs, out=out, lrs=a.lrs)
+    if r["sweep"]:
+        for m, sw in r["sweep"].items():
+            print(f"{m:>8s} sweep: " + ", ".join(f"lr {k}: {v:.4f}" for k, v in sw.items()) + f"  -> lr {r['lr'][m]:g}")
     print(f"target: {r['target_bpb']:.4f} bits/byte (the mean final of {a.models[0]!r})")
     for m, s in r["summary"].items():
         d = "" if m == a.models[0] else f"  delta {s['delta_bpb_mean']:+.4f} +- {s['delta_bpb_std']:.4f}"

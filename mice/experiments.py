@@ -11,7 +11,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 import numpy as np
 import torch
-from .utils import atomic_write, autocast, check_int
+from .utils import atomic_write, autocast, check_int, check_number
 from .bench import Result, compare, compile_modes, context, peak_memory, sdpa_backend, time_fn
 from .data import load_tokenizer, token_ids
 from .models import MODELS, build_model, matched_hidden
@@ -27,7 +27,7 @@ def _one_run(c: dict) -> dict:
     torch.set_num_threads(max(1, int(os.environ.get("MICE_THREADS_PER_RUN", torch.get_num_threads()))))
     r = train(TrainConfig(**c), progress=False, log=lambda *a: None)
     r.pop("sample", None)
-    return {"model": c["model"], "seed": c["seed"], "hidden": r["mlp_hidden"], **r}
+    return {"model": c["model"], "seed": c["seed"], "lr": c["lr"], "hidden": r["mlp_hidden"], **r}
 
 
 def tokens_to_target(tokens: list[float], bpb: list[float], target: float) -> float | None:
@@ -87,43 +87,76 @@ def _matched_widths(models: list[str], base: TrainConfig, kw: dict) -> dict[str,
     return hidden
 
 
+def _run_all(configs: list[dict], jobs: int, log, what: str) -> list[dict]:
+    "Train every config (in `jobs` processes), logging one line per finished run that names it."
+    def line(i, r):
+        log(f"  {what} {i}/{len(configs)} {r['model']} seed {r['seed']} lr {r['lr']:g}: {r['val_bpb']:.4f} "
+            f"bits/byte, {r['seconds']:.0f} s")
+    runs = []
+    if jobs == 1:
+        for i, c in enumerate(configs, 1):
+            runs.append(_one_run(c))
+            line(i, runs[-1])
+        return runs
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+        for i, r in enumerate(ex.map(_one_run, configs), 1):
+            runs.append(r)
+            line(i, r)
+    return runs
+
+
 def compare_runs(models: list[str], seeds: list[int], base: TrainConfig | None = None, match_params: bool = True,
-                 jobs: int = 1, out: str | Path | None = None, log=print) -> dict:
+                 jobs: int = 1, out: str | Path | None = None, log=print, lrs: list[float] | None = None,
+                 sweep_seed: int | None = None) -> dict:
     """Train each model name with each seed under the same `base` config (token budget, schedule, data) and
     summarize (`summarize_runs`). `match_params`: set each model's MLP width so that its parameter count (without
-    the embedding) is within 2% of the first's. `jobs`: runs in parallel processes. `out`: write the JSON there."""
+    the embedding) is within 2% of the first's. `lrs`: first train every model once at each of these peak learning
+    rates (seed `sweep_seed`, by default one not in `seeds`), then compare each at its own best. `jobs`: runs in
+    parallel processes. `out`: write the JSON there."""
     base = base or TrainConfig()
     if not models or len(set(models)) != len(models): raise ValueError(f"models must be distinct names, got {models}")
     if bad := [m for m in models if m not in MODELS]:
         raise ValueError(f"unknown model(s) {bad}; expected some of: {', '.join(MODELS)}")
     if not seeds or len(set(seeds)) != len(seeds): raise ValueError(f"seeds must be distinct, got {seeds}")
     check_int("jobs", jobs)
+    if lrs is not None:
+        if not lrs or len(set(lrs)) != len(lrs): raise ValueError(f"lrs must be distinct numbers, got {lrs}")
+        lrs = [check_number("lrs", lr, gt=0) for lr in lrs]
+    sweep_seed = max(seeds) + 1 if sweep_seed is None else sweep_seed
+    if lrs is not None and sweep_seed in seeds:
+        raise ValueError(f"sweep_seed {sweep_seed} is one of the compared seeds {seeds}: pick another")
     if "hidden" in base.model_overrides and match_params:
         raise ValueError("base.model_overrides sets hidden; use match_params=False to keep it")
     kw = {"vocab_size": load_tokenizer().get_vocab_size(), "max_seq_len": max(base.seq_len, 1024),
           **base.model_overrides}
     hidden = _matched_widths(models, base, kw) if match_params else {}
-    def config(m, s):
+    def config(m, s, lr):
         overrides = {**base.model_overrides, **({"hidden": hidden[m]} if hidden else {})}
-        return asdict(replace(base, model=m, seed=s, sample_tokens=0, out_dir=f"{base.out_dir}/{m}-seed{s}",
-                              model_overrides=overrides))
-    configs = [config(m, s) for s in seeds for m in models]
+        return asdict(replace(base, model=m, seed=s, lr=lr, sample_tokens=0, model_overrides=overrides,
+                              out_dir=f"{base.out_dir}/{m}-seed{s}" + (f"-lr{lr:g}" if lrs else "")))
     tokens = base.steps * base.batch_size * base.seq_len
+    t0 = time.perf_counter()
+    sweep, best = {}, {m: base.lr for m in models}
+    if lrs is not None:
+        log(f"compare: learning-rate sweep, {len(models) * len(lrs)} runs of {tokens:,} tokens (seed {sweep_seed})")
+        for r in _run_all([config(m, sweep_seed, lr) for m in models for lr in lrs], jobs, log, "sweep"):
+            sweep.setdefault(r["model"], {})[r["lr"]] = r["val_bpb"]
+        best = {m: min(sweep[m], key=sweep[m].get) for m in models}
+        log("compare: best learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in best.items()))
+    configs = [config(m, s, best[m]) for s in seeds for m in models]
     log(f"compare: {len(configs)} runs of {tokens:,} tokens each ({', '.join(models)} x seeds {seeds}), "
         f"{jobs} at a time")
-    t0 = time.perf_counter()
-    if jobs == 1: runs = [_one_run(c) for c in configs]
-    else:
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex: runs = list(ex.map(_one_run, configs))
+    runs = _run_all(configs, jobs, log, "run")
     for r in runs:
         log(f"  {r['model']:>8s} seed {r['seed']}: {r['val_bpb']:.4f} bits/byte, {r['params_no_embedding']:,} params "
-            f"({r['active_params_no_embedding']:,} active, +{r['params'] - r['params_no_embedding']:,} embedding), "
-            f"{r['seconds']:.0f} s")
+            f"({r['active_params_no_embedding']:,} active, +{r['params'] - r['params_no_embedding']:,} embedding)")
     gpu = base.device != "cpu" and torch.cuda.is_available()
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if gpu else "cpu",
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_seconds": time.perf_counter() - t0}
     result = {"models": models, "seeds": seeds, "tokens_per_run": tokens, "match_params": match_params,
-              "train_config": asdict(base), "env": env, **summarize_runs(runs, models), "runs": runs}
+              "train_config": asdict(base), "env": env, "lr": best,
+              "sweep": {m: {f"{lr:g}": b for lr, b in d.items()} for m, d in sweep.items()} if lrs else None,
+              "sweep_seed": sweep_seed if lrs else None, **summarize_runs(runs, models), "runs": runs}
     if out is not None: atomic_write(Path(out), json.dumps(result, indent=1).encode())
     return result
 

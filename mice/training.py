@@ -16,13 +16,17 @@ from .utils import atomic_write, autocast, check_int, check_number, config_from_
 from .data import (EOT, bits_per_byte, get_batch, iter_eval_batches, load_tokenizer, token_bytes, token_ids,
                        tokenizer_digest)
 from .models import FAMILIES, Decoder, DecoderConfig, build_model, family_of, from_flat_config, generate
+from .sources import MixedLoader, check_mix, source_ids
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'TrainConfig', 'lr_at', 'save_checkpoint', 'Checkpoint', 'load_checkpoint', 'load_state',
-           'config_from_meta', 'model_meta', 'load_model', 'evaluate', 'setup_device', 'make_optimizer', 'parallelize',
-           'TrainStep', 'Trainer', 'train', 'sample_text']
+__all__ = ['PLAYS', 'CKPT_FORMAT', 'TrainConfig', 'lr_at', 'save_checkpoint', 'Checkpoint', 'load_checkpoint', 'load_state',
+           'config_from_meta', 'model_meta', 'load_model', 'evaluate', 'evaluate_sources', 'setup_device',
+           'make_optimizer', 'parallelize', 'TrainStep', 'Trainer', 'train', 'sample_text']
 
 # %% ../nbs/07_training_stages.ipynb #c0ee349b
+PLAYS = {"plays": 1.0}   # the default data: the plays alone, read by `get_batch`
+
+
 @dataclass
 class TrainConfig:
     "Everything that defines a training run (saved in every checkpoint)."
@@ -45,9 +49,11 @@ class TrainConfig:
     out_dir: str = "runs/default"
     sample_tokens: int = 120
     model_overrides: dict = field(default_factory=dict)   # fields of the model's config; nested ones as dicts
+    data: dict = field(default_factory=lambda: dict(PLAYS))  # source -> weight (mice.sources); plays: get_batch
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_every"): check_int(name, getattr(self, name))
+        self.data = check_mix(self.data)
         check_number("lr", self.lr, gt=0)
         check_number("min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
         check_int("warmup", self.warmup, low=0)
@@ -193,6 +199,15 @@ def evaluate(model: nn.Module, ids: np.ndarray, nbytes: Tensor, batch_size: int,
     nll, n_byte = nll.item(), n_byte.item()
     return {"loss": nll / n_tok, "bpb": bits_per_byte(nll, n_byte), "tokens": n_tok, "bytes": int(n_byte)}
 
+# %% ../nbs/07_training_stages.ipynb #14b4e705
+def evaluate_sources(model: nn.Module, ids: dict, nbytes: Tensor, batch_size: int, seq_len: int,
+                     max_tokens: int | None = None, autocast=contextlib.nullcontext) -> dict:
+    "`evaluate` on each source's ids (`{name: ids}`, up to `max_tokens` each) and in total; per source in `sources`."
+    evs = {n: evaluate(model, a, nbytes, batch_size, seq_len, max_tokens, autocast) for n, a in ids.items()}
+    nll, n_tok = sum(e["loss"] * e["tokens"] for e in evs.values()), sum(e["tokens"] for e in evs.values())
+    n_byte = sum(e["bytes"] for e in evs.values())
+    return {"loss": nll / n_tok, "bpb": bits_per_byte(nll, n_byte), "tokens": n_tok, "bytes": n_byte, "sources": evs}
+
 # %% ../nbs/07_training_stages.ipynb #122f6b66
 def setup_device(c: TrainConfig) -> tuple[torch.device, int, int, bool]:
     "(device, world size, rank, whether we created the process group); joins it when launched by torchrun."
@@ -265,6 +280,10 @@ class Trainer:
                                  "stale cache?")
         if "vocab_size" in c.model_overrides:
             raise ValueError("model_overrides: vocab_size is set by the tokenizer, not by hand")
+        self.loader, self.val_sources = None, None        # the plays alone: get_batch, a function of the step
+        if c.data != PLAYS:                                # a mix: one stream, each rank takes its rows
+            self.loader = MixedLoader(c.data, c.batch_size * self.world, c.seq_len, c.seed)
+            self.val_sources = {n: source_ids(n, "validation") for n in c.data}
         torch.manual_seed(c.seed)
         shape = {"vocab_size": self.tok.get_vocab_size(), "max_seq_len": max(c.seq_len, 1024)}
         self.model = build_model(c.model, c.preset, **{**shape, **c.model_overrides}).to(self.device)
@@ -291,6 +310,7 @@ class Trainer:
         load_state(self.model, ck.model)
         self.optimizer.load_state_dict(ck.optimizer)
         torch.set_rng_state(ck.rng)
+        if self.loader is not None and "data_state" in ck.meta: self.loader.load_state_dict(ck.meta["data_state"])
         if ck.step >= self.c.steps:
             raise ValueError(f"checkpoint is at step {ck.step}; ask for more steps than that (steps={self.c.steps})")
         return ck.step
@@ -299,20 +319,28 @@ class Trainer:
 def _step(self, step: int) -> Tensor:
     "Optimizer step `step` on its batch; returns the loss (a tensor)."
     c = self.c
-    x, y = get_batch(self.train_ids, c.batch_size, c.seq_len, step * self.world + self.rank, c.seed, self.device)
+    if self.loader is None:
+        x, y = get_batch(self.train_ids, c.batch_size, c.seq_len, step * self.world + self.rank, c.seed, self.device)
+    else:                                                  # the stream's next batch; this rank's rows of it
+        rows = slice(self.rank * c.batch_size, (self.rank + 1) * c.batch_size)
+        x, y = (t[rows].to(self.device, non_blocking=True) for t in self.loader.next_batch())
     return self.train_step(x, y, lr_at(step, c))
 
 
 def _evaluate(self, full: bool = False) -> dict:
     "Validation loss and bits per byte: the first `eval_tokens` tokens, or the whole split if `full`."
     c = self.c
+    if self.loader is not None:
+        return evaluate_sources(self.model, self.val_sources, self.nbytes, c.batch_size, c.seq_len,
+                                None if full else c.eval_tokens, self.autocast)
     return evaluate(self.model, self.val_ids, self.nbytes, c.batch_size, c.seq_len, None if full else c.eval_tokens,
                     self.autocast)
 
 
 def _save(self, step: int) -> Path:
-    "Write the checkpoint of step `step` (model, optimizer, RNG, meta) atomically."
-    return save_checkpoint(self.path, self.model, self.optimizer, step, self.meta)
+    "Write the checkpoint of step `step` (model, optimizer, RNG, meta and the data stream's state) atomically."
+    meta = self.meta if self.loader is None else {**self.meta, "data_state": self.loader.state_dict()}
+    return save_checkpoint(self.path, self.model, self.optimizer, step, meta)
 
 
 Trainer.step, Trainer.evaluate, Trainer.save = _step, _evaluate, _save
@@ -332,9 +360,12 @@ def _after_step(self, step: int, end: int, loss: Tensor, bar, t0: float):
         self.history.append({"step": step + 1, "tokens": (step + 1) * c.batch_size * c.seq_len * self.world,
                              "train_loss": loss.item(), "val_bpb": ev["bpb"], "val_tokens": ev["tokens"],
                              "seconds": time.perf_counter() - t0})
+        per = {n: e["bpb"] for n, e in ev.get("sources", {}).items()}
+        if per: self.history[-1]["val_bpb_sources"] = per
         if self.rank == 0:
             bar.write(f"step {step + 1:5d}  train loss {loss.item():.3f}  val {ev['bpb']:.3f} bits/byte"
-                      + ("  (full validation split)" if full else f"  (first {ev['tokens']:,} tokens)"))
+                      + ("  (full validation split)" if full else f"  (first {ev['tokens']:,} tokens)")
+                      + "".join(f"  {n} {v:.3f}" for n, v in per.items()))
             self.save(step + 1)
 
 
@@ -346,8 +377,10 @@ def _run(self, stop_at: int | None = None, progress: bool = True, log=print) -> 
     end = c.steps if stop_at is None else min(stop_at, c.steps)
     bar = tqdm(range(self.start, end), initial=self.start, total=c.steps, disable=not (progress and main), desc="train")
     if main and self.start == 0:
-        log(f"{c.model}/{c.preset}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}; "
-            f"{len(self.train_ids):,} train / {len(self.val_ids):,} validation tokens")
+        sizes = (f"{len(self.train_ids):,} train / {len(self.val_ids):,} validation tokens" if self.loader is None else
+                 f"data {self.loader.weights}: {sum(map(len, self.loader.ids.values())):,} train / "
+                 f"{sum(map(len, self.val_sources.values())):,} validation tokens")
+        log(f"{c.model}/{c.preset}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}; {sizes}")
     t0 = time.perf_counter()
     for step in bar: self._after_step(step, end, self.step(step), bar, t0)
     bar.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "mice"
 LAYER_NAMES = {1: "foundation", 2: "mechanisms", 3: "models", 4: "training", 5: "experiments and interfaces"}
 RANKS = {
-    "utils": 10, "bench": 11, "blocks": 12, "data": 12,
+    "utils": 10, "bench": 11, "blocks": 12, "data": 12, "sources": 13,
     "petals": 20, "attention": 20, "routing": 20, "dynamics": 20, "vectorhull": 21,
     "models": 30,
     "training": 40,

@@ -145,3 +145,91 @@ def test_train_and_generate_a_mechanism_kind(tmp_path):
     assert "mu_inl/tiny" in r.stdout
     r = mice("generate", "--checkpoint", tmp_path / "checkpoint.safetensors", "--prompt", "ROMEO:", "--tokens", "5")
     assert r.returncode == 0 and r.stdout.startswith("ROMEO:"), r.stderr
+
+
+# --- data sources and mixes (mice.sources) ---
+FAST = ["--steps", "2", "--eval-every", "2", "--no-full-final-eval", *SMALL]
+
+
+def ckpt_meta(out):
+    from mice.training import load_checkpoint
+    return load_checkpoint(out / "checkpoint.safetensors").meta
+
+
+def test_train_on_a_mix_reports_each_source(tmp_path):
+    r = mice("train", "--data", "plays=1", "bible=1", "cot=0.5", "--out-dir", tmp_path, *FAST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = [line for line in r.stdout.splitlines() if line.startswith("step     2")][0]
+    assert all(f"  {s} " in last for s in ("plays", "bible", "cot")), last
+    meta = ckpt_meta(tmp_path)
+    assert meta["train_config"]["data"] == {"bible": 1.0, "cot": 0.5, "plays": 1.0}
+    rows = meta["data_state"]["rows"]
+    assert sum(rows.values()) == 2 * 4 and rows["cot"] < rows["plays"], rows      # 2 steps of 4 rows, weights 2:2:1
+    r = mice("train", "--data", "plays=1", "bible=1", "cot=0.5", "--out-dir", tmp_path, "--resume",
+             *FAST[:1], "4", *FAST[2:])
+    assert r.returncode == 0 and "step     4" in r.stdout, r.stderr[-3000:]
+    assert sum(ckpt_meta(tmp_path)["data_state"]["rows"].values()) == 4 * 4, "the resumed stream continues"
+
+
+@pytest.mark.parametrize("flags, mix", [
+    (["--dataset-conversational"], {"plays": 1.0}),
+    (["--dataset-reasoning"], {"reasoning": 1.0}),
+    (["--dataset-cot"], {"cot": 1.0}),
+    (["--dataset-bible"], {"bible": 1.0}),
+    (["--dataset-conversational", "--dataset-cot", "--data", "reasoning=0.5"],
+     {"cot": 1.0, "plays": 1.0, "reasoning": 0.5}),
+])
+def test_dataset_flags_choose_the_sources(tmp_path, flags, mix):
+    r = mice("train", *flags, "--out-dir", tmp_path, *FAST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = ckpt_meta(tmp_path)
+    assert meta["train_config"]["data"] == mix
+    if mix == {"plays": 1.0}:
+        assert "data_state" not in meta, "the plays alone keep the get_batch path"
+    else:
+        assert {k for k, v in meta["data_state"]["rows"].items() if v} == set(mix), meta["data_state"]
+        assert f"data {mix}" in r.stdout
+
+
+def test_data_path_trains_on_a_folder(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6): (corpus / f"part{i}.txt").write_text(f"Line {i} of a small corpus, said the clerk.\n" * 60)
+    r = mice("train", "--data-path", corpus, "--out-dir", tmp_path / "run", *FAST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mix = ckpt_meta(tmp_path / "run")["train_config"]["data"]
+    assert mix == {f"text:{corpus.resolve()}": 1.0}, mix
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "wiki=1"], "unknown source 'wiki'"),
+    (["--data", "plays=-1"], "data['plays']: expected a number >= 0"),
+    (["--data", "plays=0"], "at least one weight must be > 0"),
+    (["--data", "plays"], "--data: expected SOURCE=WEIGHT, got 'plays'"),
+    (["--data", "plays=lots"], "--data plays: expected a number, got 'lots'"),
+    (["--data-path", "/no/such/folder"], "no such file or folder"),
+    (["--data-path", "EMPTY"], "the folder has no .txt/.md/.rst/.text files"),
+])
+def test_bad_data_arguments_give_one_clear_line(tmp_path, args, message):
+    args = [str(tmp_path) if a == "EMPTY" else a for a in args]
+    r = mice("train", *args, "--out-dir", tmp_path, *FAST)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_bench_data_suite_on_cpu():
+    r = mice("bench", "data", "--device", "cpu", "--opt", "batch=4", "--opt", "seq=64", "--repeat", "3",
+             "--warmup", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "get_batch plays B=4 T=64" in r.stdout and "mixed all B=4 T=64" in r.stdout, r.stdout
+
+
+def test_ddp_on_a_mix_splits_each_batch_between_ranks(tmp_path):
+    "With two ranks the stream gives 2 x batch-size rows per step, and each rank trains on its half."
+    r = subprocess.run([bin_path("torchrun"), "--standalone", "--nproc_per_node", "2", bin_path("mice"), "train",
+                        "--data", "plays=1", "cot=1", "--out-dir", str(tmp_path), *FAST],
+                       capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("validation:") == 1, "only rank 0 reports"
+    assert ckpt_meta(tmp_path)["data_state"]["rows"] == {"cot": 8, "plays": 8}   # 2 steps x 2 ranks x 4 rows
