@@ -517,7 +517,7 @@ def generate(model: Decoder, prompts: list[list[int]], max_new_tokens: int, temp
     new = torch.cat(out, 1).tolist() if out else [[] for _ in prompts]
     return [p + n for p, n in zip(prompts, new)]
 
-# %% ../nbs/08_full_models.ipynb #e6b34e06
+# %% ../nbs/08_full_models.ipynb #756f1c86
 from typing import Literal, get_args
 from .utils import check_choice, check_number, check_tensor
 from .petals import PICNN, positive
@@ -552,7 +552,7 @@ class ConvexConfig(DecoderConfig):
         width = 3 * d / 4 if self.ffn == "picnn" else (8 / self.petals - 1) * d / 2
         return max(8, 8 * round(width / 8))
 
-# %% ../nbs/08_full_models.ipynb #6193d664
+# %% ../nbs/08_full_models.ipynb #7c43bb35
 class ConvexFFN(nn.Module):
     """g * F(N(h)) with N a causal affine norm, F convex per coordinate in its input (VectorHull; a PICNN with the
     attention output as context; or 0.5.0's non-convex LegacyVectorHull) and g > 0 a per-channel gain."""
@@ -586,7 +586,7 @@ class ConvexFFN(nn.Module):
         weights = sum(m.weight.numel() for m in self.net.modules() if isinstance(m, nn.Linear))
         return 2 * (weights + sum(w.numel() for w in self.net.wz_raw))
 
-# %% ../nbs/08_full_models.ipynb #59e5ea25
+# %% ../nbs/08_full_models.ipynb #0559972d
 class ConvexBlock(nn.Module):
     "h = x + Attn(RMSNorm(x)); x' = h + ConvexFFN(h, a): the second half is convex in h (for fixed a with a PICNN)."
     def __init__(self, c: ConvexConfig, layer: int):
