@@ -19,11 +19,12 @@ from .memory import MemoryConfig, MemoryAttention
 from .geometric import GeometricConfig, GeometricMoE
 
 # %% auto #0
-__all__ = ['FAMILIES', 'MODELS', 'FIXED', 'PRESETS', 'EUCLIDEAN', 'DecoderConfig', 'Step', 'check_tokens', 'Decoder',
-           'DenseConfig', 'topk_experts', 'DenseBlock', 'DenseModel', 'DeepConfig', 'DeepState', 'deep_attention',
-           'deep_mlp', 'DeepBlock', 'DeepModel', 'Family', 'Size', 'register_family', 'family_of', 'register_model',
-           'model_config', 'build_model', 'matched_hidden', 'from_flat_config', 'MGMConfig', 'mgm_mlp', 'MGMBlock',
-           'MGMModel', 'check_generation', 'prompt_lists', 'generate']
+__all__ = ['FAMILIES', 'MODELS', 'FIXED', 'PRESETS', 'EUCLIDEAN', 'ConvexFFNKind', 'DecoderConfig', 'Step', 'check_tokens',
+           'Decoder', 'DenseConfig', 'topk_experts', 'DenseBlock', 'DenseModel', 'DeepConfig', 'DeepState',
+           'deep_attention', 'deep_mlp', 'DeepBlock', 'DeepModel', 'Family', 'Size', 'register_family', 'family_of',
+           'register_model', 'model_config', 'build_model', 'matched_hidden', 'from_flat_config', 'MGMConfig',
+           'mgm_mlp', 'MGMBlock', 'MGMModel', 'check_generation', 'prompt_lists', 'generate', 'ConvexConfig',
+           'ConvexFFN', 'ConvexBlock', 'ConvexModel']
 
 # %% ../nbs/08_full_models.ipynb #5df49004
 @dataclass(frozen=True)
@@ -627,3 +628,121 @@ def generate(model: Decoder, prompts, max_new_tokens: int, temperature: float = 
     if isinstance(prompts, Tensor): return torch.cat([prompts.to(device), new.to(prompts.dtype)], 1)
     full = [p + n for p, n in zip(rows, new.tolist())]
     return full if len(full) > 1 or not _is_ids(prompts) else full[0]
+
+# %% ../nbs/08_full_models.ipynb #756f1c86
+from typing import Literal, get_args
+from .utils import check_choice, check_number, check_tensor
+from .petals import PICNN, positive
+from .vectorhull import LegacyVectorHull, RunningAffineNorm, VectorHull, orthogonal_embedding_
+
+ConvexFFNKind = Literal["vectorhull", "picnn", "legacy"]
+
+
+@dataclass(frozen=True)
+class ConvexConfig(DecoderConfig):
+    """The convex family: attention, then a convex FFN after a causal affine norm. `ffn`: VectorHull, a PICNN (convex in
+    the stream, free in the attention output) or torch-mice 0.5.0's LegacyVectorHull; `petals` (vectorhull, legacy);
+    `hidden`: petal / PICNN width (None: about the dense MLP's parameters; legacy: 0.5.0's 2 dim); `norm_momentum`."""
+    ffn: str = "vectorhull"
+    petals: int = 4
+    hidden: int | None = None
+    norm_momentum: float = 0.01
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("ffn", self.ffn, get_args(ConvexFFNKind))
+        check_int("petals", self.petals)
+        if self.hidden is not None: check_int("hidden", self.hidden)
+        check_number("norm_momentum", self.norm_momentum, gt=0, le=1)
+
+    @property
+    def mlp_hidden(self) -> int:
+        "The petal (or PICNN) width: `hidden`, else about the dense SwiGLU's 8 dim^2 parameters (legacy: 2 dim)."
+        if self.hidden is not None: return self.hidden
+        d = self.dim
+        if self.ffn == "legacy": return 2 * d
+        width = 3 * d / 4 if self.ffn == "picnn" else (8 / self.petals - 1) * d / 2
+        return max(8, 8 * round(width / 8))
+
+# %% ../nbs/08_full_models.ipynb #7c43bb35
+class ConvexFFN(nn.Module):
+    """g * F(N(h)) with N a causal affine norm, F convex per coordinate in its input (VectorHull; a PICNN with the
+    attention output as context; or 0.5.0's non-convex LegacyVectorHull) and g > 0 a per-channel gain."""
+    def __init__(self, c: ConvexConfig, layer: int):
+        super().__init__()
+        d, h, self.kind = c.dim, c.mlp_hidden, c.ffn
+        self.norm = RunningAffineNorm(d, c.norm_momentum)
+        if c.ffn == "vectorhull": self.net = VectorHull(d, c.petals, hidden=h, depth=1)
+        elif c.ffn == "legacy": self.net = LegacyVectorHull(d, c.petals, hidden=h)
+        else:
+            self.net = PICNN(d, d, h, d, depth=1, u_hidden=d)
+            self.context_norm = RMSNorm(d, c.norm_eps)
+        self.gain_raw = nn.Parameter(torch.full((d,), math.log(math.expm1(c.residual_std))))  # softplus^-1(std)
+
+    def init_weights(self):
+        if self.kind == "picnn": self.net.reset_parameters()
+
+    def forward(self, h: Tensor, a: Tensor) -> Tensor:
+        "The branch for stream h [B, T, dim]; the PICNN reads the attention output a [B, T, dim] as its context."
+        z = self.norm(h)
+        y = self.net(z) if self.kind != "picnn" else self.net(z, self.context_norm(a))
+        return positive(self.gain_raw).to(y.dtype) * y
+
+    def flops_per_token(self) -> int:
+        "Forward matmul FLOPs per token (2 per multiply-add)."
+        if self.kind == "vectorhull": return self.net.petals.flops_per_token()
+        if self.kind == "legacy":
+            p = self.net.petals
+            weights = sum(w.numel() for w in (p.w0, p.w1, p.wr, p.wg))
+            return 2 * (weights + p.petals * p.in_dim * p.in_dim)          # every weight once, plus the dense charts
+        weights = sum(m.weight.numel() for m in self.net.modules() if isinstance(m, nn.Linear))
+        return 2 * (weights + sum(w.numel() for w in self.net.wz_raw))
+
+# %% ../nbs/08_full_models.ipynb #0559972d
+class ConvexBlock(nn.Module):
+    "h = x + Attn(RMSNorm(x)); x' = h + ConvexFFN(h, a): the second half is convex in h (for fixed a with a PICNN)."
+    def __init__(self, c: ConvexConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(c.dim, c.norm_eps)
+        self.attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.qk_norm, c.rope_theta, c.norm_eps)
+        self.ffn = ConvexFFN(c, layer)
+
+    def forward(self, x: Tensor, step: Step, state=None) -> tuple[Tensor, None]:
+        a = self.attn(self.attn_norm(x), step.pos, step.mask, step.kv(self.layer), step.start)
+        h = x + a
+        return h + self.ffn(h, a), state
+
+
+class ConvexModel(Decoder):
+    """The convex family: `ConvexBlock`s, a causal affine final norm (the log-partition is convex in the final hidden
+    state) and a semi-orthogonal tied embedding."""
+    config_class = ConvexConfig
+
+    def __init__(self, config: ConvexConfig):
+        super().__init__(config)
+        self.norm = RunningAffineNorm(config.dim, config.norm_momentum)
+        orthogonal_embedding_(self.embed.weight, 0.02)
+
+    def make_block(self, c: ConvexConfig, layer: int) -> ConvexBlock: return ConvexBlock(c, layer)
+
+    def log_partition(self, h: Tensor) -> Tensor:
+        "log sum_v exp(logit_v) for final hidden states h [..., dim]: convex in h."
+        logits = self.head(self.norm(h))
+        return torch.logsumexp(logits if logits.dtype == torch.float64 else logits.float(), -1)
+
+    def final_hidden(self, x: Tensor) -> Tensor:
+        "The final hidden state h_L [B, T, dim] for input vectors x [B, T, dim] in place of the token embeddings."
+        check_tensor("x", x, self.config.dim)
+        if x.ndim != 3: raise ValueError(f"x: expected shape [batch, seq_len, {self.config.dim}], got {tuple(x.shape)}")
+        T = x.shape[1]
+        step = Step(torch.arange(T, device=x.device), causal_mask(T, 0, None, x.device), 0,
+                    torch.zeros(x.shape[:2], dtype=torch.long, device=x.device))
+        for block in self.blocks: x, _ = block(x, step, None)
+        return x
+
+
+register_family("convex", ConvexConfig, ConvexModel)
+register_model("convex", ConvexConfig(), fixed=("ffn",))
+register_model("convex_picnn", ConvexConfig(ffn="picnn"), fixed=("ffn",))
+register_model("convex_legacy", ConvexConfig(ffn="legacy", petals=2), fixed=("ffn",))

@@ -27,7 +27,7 @@ def positive(raw: Tensor) -> Tensor:
 
 def positive_inverse(w: Tensor) -> Tensor:
     "The `raw` with `positive(raw) == w`, for `w > 0` (stable for tiny `w`)."
-    if (w <= 0).any(): raise ValueError("w: expected strictly positive weights, got a value <= 0")
+    if not w.is_meta and (w <= 0).any(): raise ValueError("w: expected strictly positive weights, got a value <= 0")
     return w + torch.log(-torch.expm1(-w))
 
 # %% ../nbs/00_convex_petals.ipynb #58aa4a8b
@@ -288,7 +288,7 @@ class PICNN(nn.Module):
             self.wu[i].bias.zero_()
         for i, (raw, zu) in enumerate(zip(self.wz_raw, self.zu), start=1):
             normal(zu.weight, 0.01)
-            zu.bias.fill_(positive_inverse(torch.tensor(1.0)).item())
+            zu.bias.fill_(math.log(math.expm1(1.0)))                   # positive_inverse(1): the gate is 1
             b = self.wu[i].bias
             if self.init == "hk":
                 hk_init_(raw, b, self.hidden, self.act, self.rho, s2, a, 0.0 if i == 1 else self.rho, generator)

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .petals import Activation, Init, Petals
+from dataclasses import dataclass
+from .petals import Activation, Init, Petals, positive
 from .utils import check_choice, check_int, check_number, check_tensor, num_params
 
 # %% auto #0
@@ -18,7 +19,9 @@ __all__ = ['TRANSCENDENTAL', 'Invert', 'BENCH_VARIANTS', 'atlas_angles', 'pair_m
            'LegacyPetals', 'legacy_closed_form', 'legacy_reference', 'count_flops', 'count_transcendentals',
            'group_means', 'max_of_means', 'lse_fusion', 'topk_fusion', 'PetalMixture', 'VectorHull', 'group_winners',
            'LSEMixture', 'TopKMixture', 'MLP', 'LegacyVectorHull', 'scramble_', 'VectorHullFoldPerCall',
-           'VectorHullRotateInput', 'vectorhull_suite']
+           'VectorHullRotateInput', 'vectorhull_suite', 'RunningAffineNorm', 'LegacyBatchAffineNorm',
+           'legacy_embedding_table', 'orthogonal_embedding_', 'embedding_conditioning', 'WinnerShares', 'winner_shares',
+           'principal_plane', 'plane_winners']
 
 # %% ../nbs/01_vectorhull_atlas.ipynb #459cf8c1
 def atlas_angles(petals: int, max_angle: float = math.pi / 4, device=None) -> Tensor:
@@ -57,10 +60,10 @@ class LegacyPetals(nn.Module):
     """torch-mice 0.5.0's `BatchedICNN` petals plus its dense `AtlasProjector` (study §1.1-1.4): softplus on every
     weight, sigmoid gates (shared and per petal), hidden width 2D, res_proj on [x~; x~]. Returns v [N, P, out_dim] for
     x [N, D]. Batched: all gates are one GEMM (0.5.0 loops over petals in Python); the dense rotation einsum is kept on
-    purpose."""
-    def __init__(self, in_dim: int, petals: int, out_dim: int):
+    purpose. `hidden` is 0.5.0's width 2D unless given (a language-model comparison matches parameters with it)."""
+    def __init__(self, in_dim: int, petals: int, out_dim: int, hidden: int | None = None):
         super().__init__()
-        D, P, O, H = in_dim, petals, out_dim, 2 * in_dim
+        D, P, O, H = in_dim, petals, out_dim, 2 * in_dim if hidden is None else check_int("hidden", hidden)
         self.in_dim, self.petals, self.out_dim, self.hidden = D, P, O, H
         self.gate_sizes = (H, O, P * H, P * O)                     # shared g0, shared g1, per-petal e0, per-petal e1
         def raw(*shape, fan_in): return nn.Parameter(torch.randn(*shape) * 0.2 + math.log(math.sqrt(2 / fan_in)))
@@ -356,11 +359,12 @@ class MLP(nn.Module):
 class LegacyVectorHull(nn.Module):
     """torch-mice 0.5.0's VectorHull (study §1.5): `LegacyPetals`, the max over cyclic pairs of petals, and learnable
     shifts that `invert=True` drops, as 0.5.0 does. Not convex (sigmoid gates); nondecreasing in the even inputs."""
-    def __init__(self, in_dim: int, petals: int, out_dim: int | None = None, invert: bool = False):
+    def __init__(self, in_dim: int, petals: int, out_dim: int | None = None, invert: bool = False,
+                 hidden: int | None = None):
         super().__init__()
         out_dim = _mixture_out_dim(in_dim, petals, out_dim, invert, (False, True))
         self.in_dim, self.n_petals, self.out_dim, self.invert, self.group = in_dim, petals, out_dim, invert, 2
-        self.petals = LegacyPetals(in_dim, petals, out_dim)
+        self.petals = LegacyPetals(in_dim, petals, out_dim, hidden)
         self.shifts = nn.Parameter(torch.zeros(petals))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -493,3 +497,146 @@ def vectorhull_suite(args):
 
 
 vectorhull_suite.opts = ("petals", "variants")   # the --opt keys it reads
+
+# %% ../nbs/01_vectorhull_atlas.ipynb #824f03f3
+class RunningAffineNorm(nn.Module):
+    """y = softplus(r) * (x - mean) / sqrt(var + eps) + bias per channel, with running statistics of earlier training
+    batches used as constants: affine in x (convexity and monotonicity are kept) and causal. A training call with
+    gradients on updates the statistics after computing its output."""
+    def __init__(self, dim: int, momentum: float = 0.01, eps: float = 1e-5):
+        super().__init__()
+        self.dim = check_int("dim", dim)
+        self.momentum, self.eps = check_number("momentum", momentum, gt=0, le=1), check_number("eps", eps, gt=0)
+        self.gain_raw = nn.Parameter(torch.full((dim,), math.log(math.expm1(1.0))))     # softplus^-1(1)
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_tensor("x", x, self.dim)
+        xf = x if x.dtype == torch.float64 else x.float()
+        scale = positive(self.gain_raw).to(xf.dtype) * torch.rsqrt(self.var.to(xf.dtype) + self.eps)
+        y = (xf - self.mean.to(xf.dtype)) * scale + self.bias.to(xf.dtype)
+        if self.training and torch.is_grad_enabled(): self.update_(xf.detach())
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def update_(self, x: Tensor):
+        "Move the running mean and variance towards those of `x` [..., dim] (exact average for the first updates)."
+        flat = x.reshape(-1, self.dim).to(self.mean.dtype)
+        m = torch.clamp(1 / (self.count + 1), min=self.momentum)
+        self.mean.lerp_(flat.mean(0), m)
+        self.var.lerp_(flat.var(0, unbiased=False), m)
+        self.count.add_(1)
+
+    def extra_repr(self): return f"{self.dim}, momentum={self.momentum}, eps={self.eps}"
+
+# %% ../nbs/01_vectorhull_atlas.ipynb #609ba71b
+class LegacyBatchAffineNorm(nn.Module):
+    """torch-mice's `BatchAffineNorm` (study §1.6), for comparison: a training call first moves its EMA statistics
+    (momentum 2e-3) towards the mean and deviation of its input over the batch and time axes, then returns
+    (x - mean) / (std + eps) * sigmoid(rho) + beta. Reads the future in training."""
+    def __init__(self, dim: int, momentum: float = 2e-3, eps: float = 1e-5):
+        super().__init__()
+        self.dim, self.momentum, self.eps = check_int("dim", dim), momentum, eps
+        self.rho, self.beta = nn.Parameter(torch.full((dim,), -2.0)), nn.Parameter(torch.zeros(dim))
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_tensor("x", x, self.dim)
+        if x.ndim != 3: raise ValueError(f"x: expected shape [batch, time, {self.dim}] (3-D), got {tuple(x.shape)}")
+        if self.training:
+            with torch.no_grad():
+                self.mean.lerp_(x.mean((0, 1)).to(self.mean.dtype), self.momentum)
+                self.std.lerp_(x.std((0, 1)).to(self.std.dtype), self.momentum)
+        return (x - self.mean) / (self.std + self.eps) * torch.sigmoid(self.rho) + self.beta
+
+# %% ../nbs/01_vectorhull_atlas.ipynb #ffbc0bde
+def legacy_embedding_table(vocab: int, dim: int, expand: int = 4, generator=None) -> Tensor:
+    """torch-mice's `GeometricConvexEmbedding` table [vocab, dim] at init, float64, from the study's equations (§1.7):
+    softplus table, positive linear maps 4D->D, rotation exp(K), D->4D, 4D->D, then the norm's scale sigmoid(-2)."""
+    def pos(rows, cols, fan_in):
+        return F.softplus(math.log(math.sqrt(2 / fan_in)) + 0.2 * torch.randn(rows, cols, dtype=torch.float64,
+                                                                              generator=generator))
+    E = pos(vocab, expand * dim, vocab)                              # the table, R ~ N(ln sqrt(2/V), 0.2^2)
+    K = torch.randn(dim, dim, dtype=torch.float64, generator=generator)
+    K = K - K.T
+    rotation = torch.linalg.matrix_exp(K * (math.pi / 8) / K.norm())
+    for W in (pos(dim, expand * dim, expand * dim), rotation, pos(expand * dim, dim, dim),
+              pos(dim, expand * dim, expand * dim)):
+        E = E @ W.T
+    return E * torch.sigmoid(torch.tensor(-2.0, dtype=torch.float64))
+
+
+@torch.no_grad()
+def orthogonal_embedding_(weight: Tensor, std: float, generator=None) -> Tensor:
+    "Fill `weight` [V, D] with a semi-orthogonal matrix scaled to entries of RMS `std`: all singular values equal."
+    V, D = weight.shape
+    g = torch.randn(max(V, D), min(V, D), dtype=torch.float64, generator=generator)
+    q, r = torch.linalg.qr(g)
+    q = q * torch.sign(torch.diagonal(r))                            # a Haar-distributed orthonormal frame
+    q = q if V >= D else q.T
+    return weight.copy_(q * std * math.sqrt(max(V, D)))
+
+
+@torch.no_grad()
+def embedding_conditioning(E: Tensor, sample: int = 512) -> dict:
+    """Singular-value spread of an embedding table E [V, D]: condition number s_max/s_min, s_2/s_1, effective rank
+    exp(entropy of s / sum s), and the min and mean cosine between rows (the first `sample` rows)."""
+    E = E.detach().double()
+    s = torch.linalg.svdvals(E)
+    p = s / s.sum()
+    rows = F.normalize(E[:sample], dim=1)
+    cos = rows @ rows.T
+    off = cos[~torch.eye(len(rows), dtype=torch.bool)]
+    return dict(cond=(s[0] / s[-1]).item(), s2_s1=(s[1] / s[0]).item(), eff_rank=math.exp(-(p * p.log()).sum().item()),
+                min_cos=off.min().item(), mean_cos=off.mean().item())
+
+# %% ../nbs/01_vectorhull_atlas.ipynb #a3e55bce
+@dataclass
+class WinnerShares:
+    "Which group wins how much: `share` [G] of all (token, coordinate) slots, dead groups and petals, median margin."
+    share: Tensor
+    dead_groups: list[int]
+    dead_petals: list[int]
+    margin_median: float
+
+
+@torch.no_grad()
+def winner_shares(hull: nn.Module, x: Tensor) -> WinnerShares:
+    "Shares of the (token, coordinate) slots each group of `hull` wins on inputs x [N, in_dim], dead groups/petals."
+    idx, margin = hull.winners(x.reshape(-1, hull.in_dim))
+    G = hull.n_petals
+    share = torch.bincount(idx.flatten(), minlength=G).double() / idx.numel()
+    won = (share > 0).nonzero().flatten().tolist()
+    alive = {(g + i) % G for g in won for i in range(hull.group)}
+    finite = margin[margin.isfinite()]
+    return WinnerShares(share.cpu(), [g for g in range(G) if g not in won], [p for p in range(G) if p not in alive],
+                        finite.float().median().item() if finite.numel() else math.inf)
+
+
+@torch.no_grad()
+def principal_plane(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    "(mean, u, v) of inputs x [N, D]: u, v their two principal directions (unit vectors), float64."
+    x = x.reshape(-1, x.shape[-1]).double()
+    mean = x.mean(0)
+    _, _, Vh = torch.linalg.svd(x - mean, full_matrices=False)
+    return mean, Vh[0], Vh[1]
+
+
+@torch.no_grad()
+def plane_winners(hull: nn.Module, origin: Tensor, u: Tensor, v: Tensor, coord: int = 0, n: int = 101,
+                  lim: float = 3.0) -> tuple[Tensor, Tensor]:
+    """Winning group [n, n] and margin [n, n] of output `coord` on the plane origin + a u + b v, (a, b) in [-lim, lim]^2
+    (u, v orthonormalised; rows are b, columns a)."""
+    check_int("coord", coord, low=0, high=hull.out_dim - 1)
+    u = F.normalize(u.double(), dim=0)
+    v = F.normalize(v.double() - (v.double() @ u) * u, dim=0)
+    g = torch.linspace(-lim, lim, n, dtype=torch.float64)
+    b, a = torch.meshgrid(g, g, indexing="ij")
+    pts = origin.double() + a.reshape(-1, 1) * u + b.reshape(-1, 1) * v
+    p = next(hull.parameters())
+    idx, margin = hull.winners(pts.to(p.device, p.dtype))
+    return idx[:, coord].reshape(n, n).cpu(), margin[:, coord].reshape(n, n).cpu()
