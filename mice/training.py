@@ -440,21 +440,26 @@ class TrainStep:
         return loss
 
 # %% ../nbs/07_training_stages.ipynb #205288a0
-def check_resume(c: TrainConfig, path: str | Path, allow_changes: bool = False) -> Checkpoint:
-    """The checkpoint at `path` if run `c` may continue it, else one `ValueError` line: `c` must ask for more steps
-    than it holds, and (unless `allow_changes`) for the settings it was trained with, but a larger `steps` and
-    another `out_dir`."""
+def check_resume(c: TrainConfig, path: str | Path, allow_changes: bool = False, world: int = 1) -> Checkpoint:
+    """The checkpoint at `path` if run `c` (in `world` processes) may continue it, else one `ValueError` line: `c` must
+    ask for more steps than it holds, and (unless `allow_changes`) for the settings it was trained with, but a larger
+    `steps`, another `out_dir`, and another split of the same global batch over processes (`batch_size` x `world`,
+    `parallel`): those change where the work runs, not the run."""
     ck = load_checkpoint(path)
     if ck.step >= c.steps:
         raise ValueError(f"checkpoint {path} is at step {ck.step}; ask for more steps than that (steps={c.steps})")
     saved = ck.meta.get("train_config")
     if saved is None or allow_changes: return ck
-    now = asdict(c)
+    saved = {**saved, "batch_size": saved.get("batch_size", c.batch_size) * ck.meta.get("world", 1)}
+    now = {**asdict(c), "batch_size": c.batch_size * world}
     changed = [f"{k}={saved.get(k)!r} → {v!r}" for k, v in now.items()
-               if k not in ("steps", "out_dir") and saved.get(k, v) != v]
+               if k not in ("steps", "out_dir", "parallel") and saved.get(k, v) != v]
     if changed:
-        raise ValueError(f"checkpoint {path} was trained with other settings: {', '.join(changed)}; resume with "
-                         "the same settings (steps may grow), or allow_changes=True to continue with these")
+        raise ValueError(f"checkpoint {path} was trained with other settings: {', '.join(changed)}"
+                         + (" (batch_size: the global batch, over all processes)" if "batch_size" in
+                            " ".join(changed) and (world > 1 or ck.meta.get("world", 1) > 1) else "")
+                         + "; resume with the same settings (steps may grow), or allow_changes=True to continue "
+                         "with these")
     return ck
 
 # %% ../nbs/07_training_stages.ipynb #99d0830b
@@ -471,7 +476,8 @@ def forward_context(device, dtype, flash_attention: bool = True):
 class Trainer:
     "A training run in pieces: set up here; then `step`, `evaluate`, `save`, and `run` for the whole loop."
     def __init__(self, c: TrainConfig, resume: str | Path | None = None, allow_changes: bool = False):
-        ck = None if resume is None else check_resume(c, resume, allow_changes)   # before any work or any write
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        ck = None if resume is None else check_resume(c, resume, allow_changes, world)   # before any work or write
         self.c = c
         self.device, self.world, self.rank, self._own_group = setup_device(c)
         self.tok = load_tokenizer()
@@ -504,7 +510,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, c, self.device)     # after parallelize: FSDP2 swaps parameters
         self.start = 0 if ck is None else self._resume_state(ck)
         self.train_step = TrainStep(self.model, self.net, self.optimizer, c.grad_clip, self.autocast, c.grad_accum)
-        self.meta = {**model_meta(c.model, self.model), "train_config": asdict(c), "tokenizer": tokenizer_digest()}
+        self.meta = {**model_meta(c.model, self.model), "train_config": asdict(c), "tokenizer": tokenizer_digest(),
+                     "world": self.world}
         self.path = Path(c.out_dir) / "checkpoint.safetensors"
         self.metrics_path = Path(c.out_dir) / "metrics.jsonl"
         self.history, self._log = [], print
