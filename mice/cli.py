@@ -42,7 +42,8 @@ HELP = {
 }
 FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in fields(TrainConfig)} | {
     "model_overrides": "--set", "max_new_tokens": "--tokens", "top_k": "--top-k", "temperature": "--temperature",
-    "prompts": "--prompt", "allow_changes": "--allow-changes"}
+    "prompts": "--prompt", "allow_changes": "--allow-changes", "amp": "--amp-off",
+    "flash_attention": "--flash-attention-off"}
 _NAMES = "|".join(sorted(FLAGS, key=len, reverse=True))
 _NAMED = re.compile(rf"(?<![\w.-])(?:TrainConfig\.)?({_NAMES})(?=[:=]| may\b| must\b)")   # a field as errors name it
 
@@ -169,7 +170,7 @@ class _Given(argparse.Action):
     "Store an option's value and remember that the user gave it (and under which name): aliases may not disagree."
     def __call__(self, parser, namespace, value, option_string=None):
         given = getattr(namespace, "_given", None) or {}
-        if self.dest in given and given[self.dest][1] != value:
+        if self.dest in given and given[self.dest][0] != option_string and given[self.dest][1] != value:
             parser.error(f"{option_string} {value} conflicts with {given[self.dest][0]} {given[self.dest][1]}")
         given[self.dest] = (option_string, value)
         namespace._given = given

@@ -483,7 +483,7 @@ def reference_first(group: ManifoldExperts, i: int, u: Tensor) -> Tensor:
     return torch.cat([w.real, w.imag], -1)
 
 
-def reference_geometric(moe: GeometricMoE, x: Tensor) -> Tensor:
+def reference_geometric(moe: nn.Module, x: Tensor) -> Tensor:
     """`moe(x)` by a float64 loop over tokens and their k experts, with `reference_first` for each expert's first layer
     (the router's choice and weights are `moe.route`'s)."""
     rows = x.reshape(-1, moe.dim)
