@@ -704,7 +704,8 @@ def ball_boundary(dim: int = 1024, rms=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0), cu
     """Per token RMS in `rms` (`n` Gaussian tokens of width `dim`, curvature `curvature / dim`): `rho`; the share of
     ball points at the boundary once stored in bf16; the share of inf/NaN of a bf16 round trip with a 1e-5 clamp; the
     worst relative norm error of our round trip `log0(exp0(u))` (fp32 maps under bf16 autocast); and a Poincare
-    expert (`PoincareExperts.first`, bf16 autocast): its share of finite outputs, mean output norm and clip share."""
+    expert (the `first` layer of `PoincareExperts`, bf16 autocast): its share of finite outputs, mean output norm
+    and clip share."""
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
