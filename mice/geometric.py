@@ -23,9 +23,9 @@ __all__ = ['Manifold', 'MAPS', 'CURVATURE_EPS', 'RHO_MAX', 'THETA_MAX', 'V_MAX',
            'mobius_add', 'poincare_fc', 'sphere_exp0', 'sphere_log0', 'lorentz_exp0', 'lorentz_log0', 'lorentz_project',
            'lorentz_inner', 'lorentz_linear', 'simplex_exp0', 'simplex_log0', 'phase_exp0', 'phase_log0', 'ambient_dim',
            'product_exp0', 'product_log0', 'ManifoldExperts', 'EuclideanExperts', 'PoincareExperts', 'LorentzExperts',
-           'SphereExperts', 'SimplexExperts', 'PhaseExperts', 'ProductExperts', 'reference_first',
-           'reference_geometric', 'GeometricExperts', 'GeometricRouter', 'GeometricConfig', 'GeometricMoE',
-           'ball_boundary', 'geometric_suite']
+           'SphereExperts', 'tangent_first', 'experts_forward', 'SimplexExperts', 'PhaseExperts', 'ProductExperts',
+           'reference_first', 'reference_geometric', 'GeometricExperts', 'GeometricRouter', 'GeometricConfig',
+           'GeometricMoE', 'ball_boundary', 'geometric_suite']
 
 # %% ../nbs/05_geometric_experts.ipynb #afd0de9b
 def manifold_op(fn):
@@ -239,9 +239,11 @@ class ManifoldExperts(nn.Module):
     gate -> down (hidden -> dim)` on expert-sorted rows, like `GroupedExperts`. `gate_up` [n, 2 hidden, dim] and `down`
     [n, dim, hidden] have the SwiGLU expert's shapes; a curved type adds `raw_curvature` [n] (c = softplus(raw) +
     CURVATURE_EPS, spread log-evenly over `curvature_init` at init) and the vectors named in `extras` [n, 2 hidden]
-    (zero at init). A type defines `first(x, offs, e, valid) -> (t [M, 2 hidden] float32, clipped rows [M] or None)`,
-    with `e` [M] each row's expert, its matmuls through `mm`."""
-    manifold, curved, sign, extras = "euclidean", False, 0.0, ()   # sign: of the sectional curvature
+    (zero at init). A *tangent* type (Euclidean, Poincare, Lorentz, sphere) gives its first layer as one matmul and
+    the per-expert vectors of `tangent_first`'s epilogue (`tangent_params`); another type defines `first(x, offs, e,
+    valid) -> (t [M, 2 hidden] float32, clipped rows [M] or None)`, with `e` [M] each row's expert, its matmuls through
+    `mm`."""
+    manifold, curved, sign, extras, tangent = "euclidean", False, 0.0, (), True   # sign: of the sectional curvature
 
     def __init__(self, n_experts: int, dim: int, hidden: int, curvature_init: tuple = (1e-3, 1e-2),
                  impl: ExpertImpl = "auto", init_std: float = 0.02, out_std: float | None = None):
@@ -279,8 +281,17 @@ class ManifoldExperts(nn.Module):
         "Signed sectional curvature [n] (float32): -c hyperbolic, +c sphere, 0 for the flat types."
         return self.sign * self.curvature()
 
+    def tangent_params(self) -> tuple[Tensor, Tensor, Tensor]:
+        """A tangent type's first layer for `tangent_first`: the matmul weights `W` [n, 2 hidden, dim], the vector `V`
+        and the Poincare layer's `|z_k|` (`Z`; 1 for the other types), float32 [n, 2 hidden]. Euclidean: `gate_up`, 0,
+        1."""
+        z = _wide(self.gate_up.new_zeros(self.n_experts, 2 * self.hidden))
+        return self.gate_up, z, z + 1
+
     def first(self, x: Tensor, offs: Tensor, e: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        return _wide(self.mm(x, self.gate_up, offs, valid)), None
+        "The first layer on rows `x` [M, dim] sorted by expert (`e` [M]: each row's expert): `tangent_first`."
+        t, hit, _ = tangent_first((self,), x, offs, e, valid)
+        return t, hit
 
     def mm(self, x: Tensor, w: Tensor, offs: Tensor, valid: Tensor | None) -> Tensor:
         """`grouped_linear(x, w, offs)` in `x`'s dtype. With `valid` [M], the rows outside it are set to 0 on the way
@@ -294,15 +305,7 @@ class ManifoldExperts(nn.Module):
         """Expert `e` on rows `offs[e-1]:offs[e]` of `x` [M, dim] (every row belongs to an expert, as from
         `moe_apply`), or only the rows where `valid` [M] is True: the others give 0 and pass no gradient (`grouped_mm`
         leaves rows past `offs[-1]` undefined, forward and backward). Sets `clipped`: the share of rows at a clip."""
-        dt = compute_dtype(x)
-        x, rows = x.to(dt), torch.arange(x.shape[0], device=x.device)
-        e = torch.searchsorted(offs, rows.to(offs.dtype), right=True).clamp_max(self.n_experts - 1)
-        t, hit = self.first(x, offs, e, valid)
-        if hit is not None:
-            self.clipped = (hit.float().mean() if valid is None else (hit & valid).sum() / valid.sum().clamp_min(1))
-            self.clipped = self.clipped.detach()
-        gate, up = t.chunk(2, dim=-1)
-        return self.mm((F.silu(gate) * up).to(dt), self.down, offs, valid)
+        return experts_forward((self,), x, offs, valid)
 
     def flops_per_token(self) -> int:
         "Forward FLOPs of one token through one expert (its matmuls)."
@@ -310,7 +313,7 @@ class ManifoldExperts(nn.Module):
 
 
 class EuclideanExperts(ManifoldExperts):
-    "Flat experts: the SwiGLU experts of `GroupedExperts` (`first`: `W u`)."
+    "Flat experts: the SwiGLU experts of `GroupedExperts` (first layer: `W u`)."
 
 # %% ../nbs/05_geometric_experts.ipynb #1714b83a
 class PoincareExperts(ManifoldExperts):
@@ -318,20 +321,11 @@ class PoincareExperts(ManifoldExperts):
     closed form of the tangent vector `u` that never forms the ball point. `offset` [n, 2 hidden] is the layer's `r`."""
     manifold, curved, sign, extras = "poincare", True, -1.0, ("offset",)
 
-    def first(self, x: Tensor, offs: Tensor, e: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        sc = self.curvature().sqrt()                                              # [n]
-        zn = _norm(_wide(self.gate_up))[..., 0]                                  # [n, 2h]: |z_k|
-        r2 = 2 * sc[:, None] * _wide(self.offset)
-        w = self.gate_up * (torch.cosh(r2) / zn)[..., None]                       # z_k/|z_k| cosh(2 sqrt(c) r_k)
-        s = _wide(self.mm(x, w, offs, valid))
-        with torch.autocast(x.device.type, enabled=False):
-            n, scr = _norm(_wide(x)), sc[e][:, None]
-            rho = scr * n
-            rc = rho.clamp_max(RHO_MAX)
-            a = torch.sinh(2 * rc) / n * s - torch.cosh(2 * rc) * torch.sinh(r2)[e]
-            q = torch.sinh((2 * zn[e] * torch.asinh(a)).clamp(-V_MAX, V_MAX))       # sqrt(c) w
-            N = _norm(q)
-            return torch.asinh(N) / (4 * scr * N) * q, rho[:, 0] > RHO_MAX       # (1/2) log0(y)
+    def tangent_params(self) -> tuple[Tensor, Tensor, Tensor]:
+        "`W`: rows `z_k cosh(2 sqrt(c) r_k) / |z_k|`; `V = sinh(2 sqrt(c) r)`; `Z = |z_k|`."
+        zn = _norm(_wide(self.gate_up))[..., 0]                                   # [n, 2h]: |z_k|
+        r2 = 2 * self.curvature().sqrt()[:, None] * _wide(self.offset)
+        return self.gate_up * (torch.cosh(r2) / zn)[..., None], torch.sinh(r2), zn
 
 # %% ../nbs/05_geometric_experts.ipynb #cca30ade
 class LorentzExperts(ManifoldExperts):
@@ -339,16 +333,10 @@ class LorentzExperts(ManifoldExperts):
     and log0, in one closed form of the tangent vector `u`."""
     manifold, curved, sign, extras = "lorentz", True, -1.0, ("bias",)
 
-    def first(self, x: Tensor, offs: Tensor, e: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        s = _wide(self.mm(x, self.gate_up, offs, valid))  # W u
-        with torch.autocast(x.device.type, enabled=False):
-            sc = self.curvature().sqrt()[e][:, None]
-            n = _norm(_wide(x))
-            rho = sc * n
-            rc = rho.clamp_max(RHO_MAX)
-            ys = torch.sinh(rc) / (sc * n) * s + torch.cosh(rc) * _wide(self.bias)[e]   # space part of the output
-            N = _norm(ys)
-            return torch.asinh(sc * N) / (sc * N) * ys, rho[:, 0] > RHO_MAX
+    def tangent_params(self) -> tuple[Tensor, Tensor, Tensor]:
+        "`W = gate_up`, `V = bias`."
+        b = _wide(self.bias)
+        return self.gate_up, b, torch.ones_like(b)
 
 # %% ../nbs/05_geometric_experts.ipynb #2de9eed7
 class SphereExperts(ManifoldExperts):
@@ -356,25 +344,91 @@ class SphereExperts(ManifoldExperts):
     (`bias` [n, 2 hidden], a tangent vector at the origin), log0."""
     manifold, curved, sign, extras = "sphere", True, 1.0, ("bias",)
 
-    def first(self, x: Tensor, offs: Tensor, e: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        s = _wide(self.mm(x, self.gate_up, offs, valid))  # W u = W log0(exp0(u))
-        with torch.autocast(x.device.type, enabled=False):
-            c = self.curvature()
-            sc = c.sqrt()[e][:, None]
-            theta_in, theta = sc * _norm(_wide(x)), sc * _norm(s)
-            f_in = (THETA_MAX / theta_in).clamp_max(1)                  # clip u, then W u
-            f_out = (THETA_MAX / (theta * f_in)).clamp_max(1)
-            p = sphere_exp0(s * f_in * f_out, sc.square())
-            b = sphere_exp0(_wide(self.bias), c[:, None])[e]
-            hit = (f_in[:, 0] < 1) | (f_out[:, 0] < 1)
-            return sphere_log0(mobius_add(p, b, sc.square()), sc.square()), hit
+    def tangent_params(self) -> tuple[Tensor, Tensor, Tensor]:
+        "`W = gate_up`, `V = exp0(bias)`, the bias as a point of the projected sphere."
+        b = sphere_exp0(_wide(self.bias), self.curvature()[:, None])
+        return self.gate_up, b, torch.ones_like(b)
+
+# %% ../nbs/05_geometric_experts.ipynb #e867ea7b
+def tangent_first(groups: tuple, x: Tensor, offs: Tensor, e: Tensor,
+                  valid: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """First layer of a run of tangent-type `groups` (Euclidean, Poincare, Lorentz, sphere) whose experts are numbered
+    contiguously, on rows `x` [M, dim] sorted by expert (`e` [M]: each row's expert in the run): one grouped matmul
+    `s = W u` and one elementwise epilogue `y = A s + B V_e` (Poincare rows: `sinh(2 Z asinh y)`), `t = R(|y|) y`,
+    with each row's scalars those of its type. Returns `t` [M, 2 hidden] float32, the rows at a clip [M] (None for
+    Euclidean experts alone) and the group of each row [M] (None for one group)."""
+    types = [g.manifold for g in groups]
+    if types == ["euclidean"]: return _wide(groups[0].mm(x, groups[0].gate_up, offs, valid)), None, None
+    params = [g.tangent_params() for g in groups]
+    W, V, Z = (p[0] if len(groups) == 1 else torch.cat(p) for p in zip(*params))
+    s = _wide(groups[0].mm(x, W, offs, valid))
+    with torch.autocast(x.device.type, enabled=False):
+        if len(groups) == 1: gid, own = None, {types[0]: True}
+        else:
+            ends = [sum(g.n_experts for g in groups[:i + 1]) for i in range(len(groups) - 1)]
+            gid = sum((e >= end).long() for end in ends)
+            own = {m: (gid == i)[:, None] for i, m in enumerate(types)}
+        def pick(values: dict, default):
+            "Each row's value of its type (`values` by type; types without an entry: `default`)."
+            out = default
+            for m, v in values.items(): out = v if own[m] is True else torch.where(own[m], v, out)
+            return out
+        c = torch.cat([g.curvature() for g in groups])[e][:, None]
+        sc = torch.where(c > 0, c, 1.0).sqrt() if "euclidean" in own else c.sqrt()   # flat rows: any finite value
+        n = _norm(_wide(x))
+        rho = sc * n
+        rc = rho.clamp_max(RHO_MAX)
+        A, B, R, hit, Ve = {}, {}, {}, {}, V[e]
+        if "poincare" in own:
+            A["poincare"], B["poincare"], hit["poincare"] = torch.sinh(2 * rc) / n, -torch.cosh(2 * rc), rho > RHO_MAX
+        if "lorentz" in own:
+            A["lorentz"], B["lorentz"], hit["lorentz"] = torch.sinh(rc) / (sc * n), torch.cosh(rc), rho > RHO_MAX
+        if "sphere" in own:
+            k = c if own["sphere"] is True else torch.where(own["sphere"], c, 0.0)   # other rows: k = 0, D = 1
+            ss = _norm(s)
+            f_in = (THETA_MAX / rho).clamp_max(1)                                # clip u, then W u
+            f_out = (THETA_MAX / (sc * ss * f_in)).clamp_max(1)
+            tau = torch.tan(sc * ss * f_in * f_out) / (sc * ss)                  # p = exp0(clipped W u) = tau s
+            sv, vv = tau * (s * Ve).sum(-1, keepdim=True), Ve.square().sum(-1, keepdim=True)
+            D = (1 - 2 * k * sv + k * k * tau.square() * ss.square() * vv).clamp_min(1e-15)
+            A["sphere"] = tau * (1 - 2 * k * sv - k * vv) / D
+            B["sphere"], hit["sphere"] = (1 + k * tau.square() * ss.square()) / D, (f_in < 1) | (f_out < 1)
+        y = pick(A, 1.0) * s + pick(B, 0.0) * Ve
+        if "poincare" in own:
+            q = torch.sinh((2 * Z[e] * torch.asinh(y)).clamp(-V_MAX, V_MAX))         # sqrt(c) w
+            y = q if own["poincare"] is True else torch.where(own["poincare"], q, y)
+        N = _norm(y)
+        if "poincare" in own: R["poincare"] = torch.asinh(N) / (4 * sc * N)         # (1/2) log0
+        if "lorentz" in own: R["lorentz"] = torch.asinh(sc * N) / (sc * N)
+        if "sphere" in own: R["sphere"] = torch.atan(sc * N) / (sc * N)
+        return pick(R, 1.0) * y, pick(hit, False)[:, 0], gid
+
+
+def experts_forward(groups: tuple, x: Tensor, offs: Tensor, valid: Tensor | None = None) -> Tensor:
+    """The experts of `groups` (one group, or a run of tangent-type groups numbered contiguously) on rows `x` [M, dim]
+    sorted by expert (`offs` [E]: the run's cumulative row counts): first layer, SiLU gate, down-projection; the rows
+    outside `valid` [M] give 0 and pass no gradient. Sets each curved group's `clipped`: the share of its rows at a
+    clip (a device scalar)."""
+    dt = compute_dtype(x)
+    x, rows = x.to(dt), torch.arange(x.shape[0], device=x.device)
+    e = torch.searchsorted(offs, rows.to(offs.dtype), right=True).clamp_max(sum(g.n_experts for g in groups) - 1)
+    if all(g.tangent for g in groups): t, hit, gid = tangent_first(groups, x, offs, e, valid)
+    else: (t, hit), gid = groups[0].first(x, offs, e, valid), None                     # one group of another type
+    if hit is not None:
+        for i, g in enumerate(groups):
+            if g.manifold == "euclidean": continue
+            mine = valid if gid is None else (gid == i) if valid is None else (gid == i) & valid
+            g.clipped = (hit.float().mean() if mine is None else (hit & mine).sum() / mine.sum().clamp_min(1)).detach()
+    gate, up = t.chunk(2, dim=-1)
+    down = groups[0].down if len(groups) == 1 else torch.cat([g.down for g in groups])
+    return groups[0].mm((F.silu(gate) * up).to(dt), down, offs, valid)
 
 # %% ../nbs/05_geometric_experts.ipynb #6907ad32
 class SimplexExperts(ManifoldExperts):
     """Simplex experts: the point `p = softmax(s u)` of the open simplex (origin: the barycentre; `s = sqrt(c dim)` an
     inverse temperature), read out linearly from the barycentre: `W (dim p - 1) / s`, which tends to `W (u - mean u)`
     as `s -> 0`."""
-    manifold, curved, sign = "simplex", True, 0.0
+    manifold, curved, sign, tangent = "simplex", True, 0.0, False
 
     def first(self, x: Tensor, offs: Tensor, e: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
         with torch.autocast(x.device.type, enabled=False):
@@ -389,7 +443,7 @@ class PhaseExperts(ManifoldExperts):
     """Complex-phase experts: `z = exp(i s u)` on the torus (`s = sqrt(c dim)`), then a complex linear map from the
     origin, `w = W (z - 1) / s` with `W = W_re + i W_im` (the two halves of `gate_up`, real parameters), out
     `[Re w, Im w]`; `w -> i W u` as `s -> 0`. Real arithmetic on `[cos - 1, sin]` (there is no complex `grouped_mm`)."""
-    manifold, curved, sign = "phase", True, 0.0
+    manifold, curved, sign, tangent = "phase", True, 0.0, False
 
     def first(self, x: Tensor, offs: Tensor, e: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
         with torch.autocast(x.device.type, enabled=False):
@@ -409,7 +463,7 @@ class ProductExperts(nn.Module):
     layer and log0 to its share of the gate and up channels (`hidden` split evenly, the first factors taking the
     remainder); the channels are concatenated, gated and sent through one Euclidean `down` [n, dim, hidden].
     `curvature()` reports the mean of the curved factors' c, `kappa()` the width-weighted mean signed curvature."""
-    manifold, curved = "product", True
+    manifold, curved, tangent = "product", True, False
 
     def __init__(self, n_experts: int, dim: int, hidden: int, curvature_init: tuple = (1e-3, 1e-2),
                  impl: ExpertImpl = "auto", init_std: float = 0.02, out_std: float | None = None,
@@ -515,6 +569,11 @@ class GeometricExperts(nn.Module):
         self.n_experts, self.dim, self.hidden = sum(counts), dim, hidden
         self.ends = [int(sum(counts[:i + 1])) for i in range(len(counts))]
         self.init_std = init_std
+        self.runs = []                          # (group names, first expert, end): tangent types side by side join
+        for (m, g), end in zip(self.groups.items(), self.ends):
+            if self.runs and g.tangent and self.groups[self.runs[-1][0][-1]].tangent:
+                self.runs[-1] = (self.runs[-1][0] + (m,), self.runs[-1][1], end)
+            else: self.runs.append(((m,), end - g.n_experts, end))
 
     def expert_types(self) -> list[str]:
         "The manifold of each expert, in mixture order."
@@ -529,21 +588,23 @@ class GeometricExperts(nn.Module):
         return torch.cat([g.kappa() for g in self.groups.values()])
 
     def forward(self, x: Tensor, offs: Tensor) -> Tensor:
-        """With one group, that group on all rows. Otherwise each group reads the rows from its first expert's start
-        (a gather; `grouped_linear` computes only its own rows, the rest give 0) and its rows are gathered back: no
-        host sync, elementwise work and two gathers of [M, dim] per group."""
-        if len(self.groups) == 1: return next(iter(self.groups.values()))(x, offs)
+        """Each run of groups (`runs`: the tangent types side by side form one run, each other type its own) through
+        `experts_forward`. One run: on all rows. Otherwise each run reads the rows from its first expert's start (a
+        gather; `grouped_linear` computes only its own rows, the rest give 0) and its rows are gathered back: no host
+        sync, elementwise work and two gathers of [M, dim] per run."""
+        if len(self.runs) == 1: return experts_forward(tuple(self.groups.values()), x, offs)
         M = x.shape[0]
         rows = torch.arange(M, device=x.device)
-        y, begin = None, 0
-        for g, end in zip(self.groups.values(), self.ends):
+        y = None
+        for names, begin, end in self.runs:
             start = offs[begin - 1].long() if begin else offs.new_zeros((), dtype=torch.long)
             stop = offs[end - 1].long()
             local = (rows - start).clamp(0, M - 1)
             src = (rows + start).clamp_max(M - 1)
-            yg = g(x.index_select(0, src), offs[begin:end] - start.to(offs.dtype), rows < stop - start)
+            yg = experts_forward(tuple(self.groups[m] for m in names), x.index_select(0, src),
+                                 offs[begin:end] - start.to(offs.dtype), rows < stop - start)
             part = torch.where(((rows >= start) & (rows < stop))[:, None], yg.index_select(0, local), 0)
-            y, begin = part if y is None else y + part, end
+            y = part if y is None else y + part
         return y
 
     def flops_per_token(self) -> int:

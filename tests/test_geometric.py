@@ -173,6 +173,30 @@ def test_mixture_matches_the_float64_loop(manifolds, n, k, kw):
     assert int(moe.load.sum()) == 60 * k and torch.equal(y, moe(x))                # eval: deterministic
 
 
+@pytest.mark.parametrize("manifolds", [ALL, ("euclidean", "poincare", "lorentz", "sphere"), ("sphere", "euclidean")])
+def test_gradients_match_the_float64_loop(manifolds):
+    "The fused tangent epilogue's backward (its per-row selections included) against autograd through the loop."
+    moe = _moe(manifolds, 2 * len(manifolds), 2)
+    x = (0.5 * torch.randn(2, 12, 16, dtype=D64)).requires_grad_()
+    g = torch.randn(2, 12, 16, dtype=D64)
+    fast = torch.autograd.grad(moe(x), [x, *moe.parameters()], g)
+    slow = torch.autograd.grad(reference_geometric(moe, x), [x, *moe.parameters()], g)
+    worst = max((a - b).abs().max().item() for a, b in zip(fast, slow))
+    assert worst < 1e-10, worst
+
+
+def test_tangent_types_side_by_side_share_one_matmul(monkeypatch):
+    "Euclidean, Poincare, Lorentz and sphere experts form one run: two grouped matmuls per forward, not two per type."
+    import mice.geometric as geo
+    moe = _moe(("euclidean", "poincare", "lorentz", "sphere", "phase"), 10, 2)
+    assert [names for names, _, _ in moe.experts.runs] == [("euclidean", "poincare", "lorentz", "sphere"), ("phase",)]
+    calls, real = [], geo.grouped_linear
+    monkeypatch.setattr(geo, "grouped_linear", lambda x, w, offs, impl="auto": calls.append(w.shape[0]) or
+                        real(x, w, offs, impl))
+    moe(0.5 * torch.randn(2, 8, 16, dtype=D64))
+    assert calls == [8, 8, 2, 2], calls
+
+
 def test_gradient_reaches_router_every_curvature_and_weight():
     moe = _moe(shared_hidden=8)
     x = 0.5 * torch.randn(4, 16, 16, dtype=D64)
