@@ -678,7 +678,8 @@ def _run(self, stop_at: int | None = None, progress: bool = True, log=print) -> 
     end = c.steps if stop_at is None else min(stop_at, c.steps)
     if main:                                        # before the bar, whose first frame would end this line
         sizes = (f"{len(self.train_ids):,} train / {len(self.val_ids):,} validation tokens" if self.loader is None else
-                 f"data {self.loader.weights}: {sum(map(len, self.loader.ids.values())):,} train / "
+                 f"data {f'by stage, of {self.loader.names}' if self.stages else self.loader.weights}: "
+                 f"{sum(map(len, self.loader.ids.values())):,} train / "
                  f"{sum(map(len, self.val_sources.values())):,} validation tokens")
         log(f"{c.model}/{c.preset}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}; {sizes}"
             + (f"; resumed at step {self.start}" if self.start else ""))
