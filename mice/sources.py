@@ -270,6 +270,18 @@ class MixedLoader:
         self.rows = np.zeros(len(self.names), dtype=np.int64)
         self.epoch, self.index = dict.fromkeys(self.names, 0), dict.fromkeys(self.names, 0)
 
+    def set_mix(self, mix: dict) -> bool:
+        """Read on with the weights `mix` (sources of this loader; those it leaves out weigh 0): each source keeps its
+        position; the round robin restarts (rows counted anew) only if the weights change. Returns whether they did."""
+        weights = check_mix(mix)
+        if bad := sorted(set(weights) - set(self.names)):
+            raise ValueError(f"data: source(s) {bad} are not in this loader, which reads {self.names}")
+        weights = {n: weights.get(n, 0) for n in self.names}
+        if weights == self.weights: return False
+        p = np.array(list(weights.values()), dtype=np.float64)
+        self.weights, self.p, self.rows = weights, p / p.sum(), np.zeros(len(self.names), dtype=np.int64)
+        return True
+
     def _starts_of(self, name: str, e: int) -> np.ndarray:
         "Window starts of epoch `e` of source `name`, in reading order."
         if (name, e) not in self._epochs:
@@ -331,7 +343,8 @@ def _state_dict(self) -> dict:
 
 
 def _load_state_dict(self, state: dict):
-    "Continue from `state` (from `state_dict`); positions of sources new to the mix start at 0."
+    """Continue from `state` (from `state_dict`): each source at its saved position (sources new to the loader at 0);
+    the rows counted as saved if the saved weights are this loader's, else counted anew, as `set_mix` would."""
     for key, mine in (("seed", self.seed), ("seq_len", self.T)):
         if state.get(key) != mine:
             raise ValueError(f"data state: saved with {key}={state.get(key)!r}, loader has {mine!r}")
@@ -340,8 +353,8 @@ def _load_state_dict(self, state: dict):
             raise ValueError(f"data state: source {n!r} had {state['tokens'][n]:,} tokens, now {len(self.ids[n]):,}")
     self.epoch = {n: int(state["epoch"].get(n, 0)) for n in self.names}
     self.index = {n: int(state["index"].get(n, 0)) for n in self.names}
-    same = state["weights"] == self.weights
-    self.rows = np.array([state["rows"][n] if same else 0 for n in self.names], dtype=np.int64)
+    same = {n: w for n, w in state["weights"].items() if w} == {n: w for n, w in self.weights.items() if w}
+    self.rows = np.array([state["rows"].get(n, 0) if same else 0 for n in self.names], dtype=np.int64)
 
 
 MixedLoader.state_dict, MixedLoader.load_state_dict = _state_dict, _load_state_dict

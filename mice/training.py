@@ -22,12 +22,12 @@ from .sources import MixedLoader, check_mix, source_ids
 
 # %% auto #0
 __all__ = ['PLAYS', 'Schedule', 'Parallel', 'CKPT_FORMAT', 'LOSSES', 'STAGE_PRESETS', 'check_device', 'TrainConfig',
-           'schedule_lr', 'lr_at', 'save_checkpoint', 'Checkpoint', 'load_checkpoint', 'load_state', 'config_from_meta',
-           'model_meta', 'load_model', 'evaluate', 'evaluate_sources', 'setup_device', 'make_optimizer', 'parallelize',
-           'is_sharded', 'full_state', 'shard_optimizer_state', 'extra_loss', 'grad_sync', 'TrainStep', 'check_resume',
-           'forward_context', 'Trainer', 'train', 'sample_text', 'read_metrics', 'plot_metrics', 'Stage',
-           'stage_from_dict', 'resolve_stages', 'stage_at', 'mgm_stages', 'map_patterns', 'load_stages', 'stage_mask',
-           'apply_stage', 'check_stages', 'ComplexFilteredGradScaler']
+           'schedule_lr', 'lr_at', 'data_at', 'run_sources', 'save_checkpoint', 'Checkpoint', 'load_checkpoint',
+           'load_state', 'config_from_meta', 'model_meta', 'load_model', 'evaluate', 'evaluate_sources', 'setup_device',
+           'make_optimizer', 'parallelize', 'is_sharded', 'full_state', 'shard_optimizer_state', 'extra_loss',
+           'grad_sync', 'TrainStep', 'check_resume', 'forward_context', 'Trainer', 'train', 'sample_text',
+           'read_metrics', 'plot_metrics', 'Stage', 'stage_from_dict', 'resolve_stages', 'stage_at', 'mgm_stages',
+           'map_patterns', 'load_stages', 'stage_mask', 'apply_stage', 'check_stages', 'ComplexFilteredGradScaler']
 
 # %% ../nbs/07_training_stages.ipynb #c0ee349b
 PLAYS = {"plays": 1.0}   # the default data: the plays alone, read by `get_batch`
@@ -139,6 +139,20 @@ def lr_at(step: int, c: TrainConfig) -> float:
                            c.min_lr_ratio if s["min_lr_ratio"] is None else s["min_lr_ratio"],
                            s["schedule"] or c.schedule, c.decay_frac)
     return schedule_lr(step, c.steps, c.lr, c.warmup, c.min_lr_ratio, c.schedule, c.decay_frac)
+
+
+def data_at(step: int, c: TrainConfig) -> dict:
+    "The data mix of optimizer step `step` of run `c`: that of the stage `step` falls in, or (None) the run's `data`."
+    if not c.stages: return c.data
+    return c.stages[stage_at(c.stages, step)[0]]["data"] or c.data
+
+
+def run_sources(c: TrainConfig) -> dict | None:
+    """Every source run `c` reads, in any stage, at weight 0 (the sources of one loader for the whole run); None when
+    every stage reads the plays alone (the trainer then reads them through `get_batch`, a function of the step)."""
+    mixes = [c.data, *(s["data"] for s in c.stages or () if s["data"] is not None)]
+    if all(m == PLAYS for m in mixes): return None
+    return {n: 0 for m in mixes for n in m}
 
 # %% ../nbs/07_training_stages.ipynb #f6587fa7
 CKPT_FORMAT = "mice-checkpoint/1"
@@ -492,9 +506,10 @@ class Trainer:
         if "vocab_size" in c.model_overrides:
             raise ValueError("model_overrides: vocab_size is set by the tokenizer, not by hand")
         self.loader, self.val_sources = None, None        # the plays alone: get_batch, a function of the step
-        if c.data != PLAYS:                                # a mix: one stream, each rank takes its rows
-            self.loader = MixedLoader(c.data, c.batch_size * self.world, c.seq_len, c.seed)
-            self.val_sources = {n: source_ids(n, "validation") for n in c.data}
+        if (union := run_sources(c)) is not None:         # a mix: one stream over every source, each rank its rows
+            mix = data_at(0 if ck is None else ck.step, c)  # that of the step the run starts (or resumes) at
+            self.loader = MixedLoader({**union, **mix}, c.batch_size * self.world, c.seq_len, c.seed)
+            self.val_sources = {n: source_ids(n, "validation") for n in union}
         torch.manual_seed(c.seed)
         shape = {"vocab_size": self.tok.get_vocab_size(), "max_seq_len": max(c.seq_len, 1024)}
         self.model = build_model(c.model, c.preset, **{**shape, **c.model_overrides}).to(self.device)
@@ -555,18 +570,22 @@ def _batch(self, step: int) -> tuple[Tensor, Tensor]:
 
 
 def _enter_stage(self, step: int):
-    "Switch to the stage that step `step` falls in, if it is not the current one: freeze, unfreeze, set its losses."
+    """Switch to the stage that step `step` falls in, if it is not the current one: freeze, unfreeze, set its losses
+    and its data mix (the stream's positions are kept; its round robin restarts if the weights change)."""
     i, start = stage_at(self.stages, step)
     if i == self.stage: return
     s = self.stages[i]
     trained, frozen = apply_stage(self.model, s)
     self.train_step.losses = s["losses"]
+    if self.loader is not None: self.loader.set_mix(data_at(step, self.c))
     if self.world > 1 and not self.sharded:       # DDP reduces only the parameters that trained when it was built
         self.net = self.train_step.net = parallelize(self.model, self.device, compile=self.compile, world=self.world)
     self.stage = i
     if self.rank == 0:
+        mix = "" if self.loader is None else "; data " + ", ".join(f"{n} {w:g}" for n, w in
+                                                                     self.loader.weights.items() if w)
         self._log(f"stage {i + 1}/{len(self.stages)} {s['name']}: steps {start}-{start + s['steps']}, "
-                  f"{trained:,} parameters train, {frozen:,} frozen")
+                  f"{trained:,} parameters train, {frozen:,} frozen{mix}")
 
 
 def _step(self, step: int) -> Tensor:
@@ -659,7 +678,8 @@ def _run(self, stop_at: int | None = None, progress: bool = True, log=print) -> 
     end = c.steps if stop_at is None else min(stop_at, c.steps)
     if main:                                        # before the bar, whose first frame would end this line
         sizes = (f"{len(self.train_ids):,} train / {len(self.val_ids):,} validation tokens" if self.loader is None else
-                 f"data {self.loader.weights}: {sum(map(len, self.loader.ids.values())):,} train / "
+                 f"data {f'by stage, of {self.loader.names}' if self.stages else self.loader.weights}: "
+                 f"{sum(map(len, self.loader.ids.values())):,} train / "
                  f"{sum(map(len, self.val_sources.values())):,} validation tokens")
         log(f"{c.model}/{c.preset}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}; {sizes}"
             + (f"; resumed at step {self.start}" if self.start else ""))
@@ -748,7 +768,7 @@ class Stage:
     warmup: int | None = None           # None: the run's warm-up, at most half the stage
     min_lr_ratio: float | None = None   # None: the run's
     losses: dict | None = None          # weights of extra losses by name (LOSSES); None: {"aux": 1.0}
-    data: dict | None = None            # the data mix, source -> weight; None: the run's data
+    data: dict | None = None            # the data mix, source -> weight (mice.sources); None: the run's data
     setup: bool = False                 # a calibration stage (left out by `--skip-setup`)
 
     def __post_init__(self):
@@ -767,9 +787,9 @@ class Stage:
         for name, w in (self.losses or {}).items():
             check_choice(f"{where}: losses", name, tuple(LOSSES))
             check_number(f"{where}: losses.{name}", w, ge=0)
-        if self.data is not None and self.data != {"plays": 1}:
-            raise ValueError(f"{where}: data mix {self.data!r} is not supported: only None (the run's data) or "
-                             "{'plays': 1} (the embedded plays)")
+        if self.data is not None:
+            try: self.data = check_mix(self.data)
+            except ValueError as e: raise ValueError(f"{where}: {e}") from None
 
 
 def stage_from_dict(d: dict) -> Stage:

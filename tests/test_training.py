@@ -89,6 +89,55 @@ def test_stage_boundaries_are_in_the_checkpoint(one_process):
     assert "stage 1/2 attention: steps 0-2" in r.stdout and "stage 2/2 all: steps 2-4" in r.stdout
 
 
+MIXED_STAGES = """\
+[[stages]]
+name = "reasoning_warmup"
+steps = 2
+data = { reasoning = 1, cot = 1 }
+
+[[stages]]
+name = "plays"
+steps = 2
+data = { plays = 1 }
+
+[[stages]]
+name = "joint"
+"""
+
+
+def test_stage_file_with_a_data_mix_per_stage_trains_and_resumes(tmp_path):
+    "`--config` with a data mix per stage, end to end: each stage reads its mix, validation reports every source;"
+    " stopped at a stage boundary and resumed with `--resume`, the run reaches the weights of the run that never"
+    " stopped; a stage file with another mix is refused on resume, in one line."
+    from mice.cli import parser, train_config
+    from mice.training import train
+    stages, other = tmp_path / "stages.toml", tmp_path / "other.toml"
+    stages.write_text(MIXED_STAGES)
+    other.write_text(MIXED_STAGES.replace("plays = 1 }", "plays = 1, bible = 1 }"))
+    args = ["--steps", "6", "--eval-every", "2", "--batch-size", "4", "--data", "plays=1", "bible=1",
+            "--no-full-final-eval", *SMALL]
+    r = mice("train", "--config", stages, *args, "--out-dir", tmp_path / "whole")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for line in ("stage 1/3 reasoning_warmup: steps 0-2", "frozen; data cot 1, reasoning 1\n",
+                 "stage 2/3 plays: steps 2-4", "frozen; data plays 1\n", "stage 3/3 joint: steps 4-6",
+                 "frozen; data bible 1, plays 1\n"):
+        assert line in r.stdout, r.stdout
+    last = [line for line in r.stdout.splitlines() if line.startswith("step     6")][0]
+    assert all(f"  {s} " in last for s in ("plays", "bible", "cot", "reasoning")), last
+    part = tmp_path / "part"
+    train(train_config(parser().parse_args(["train", "--config", str(stages), *args, "--out-dir", str(part)])),
+          stop_at=2, progress=False, log=lambda *a: None)
+    r = mice("train", "--config", other, *args, "--out-dir", part, "--resume")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "other settings: --stages=" in r.stderr, r.stderr
+    assert "'data': {'bible': 1, 'plays': 1}" in r.stderr.split("→")[1], r.stderr
+    r = mice("train", "--config", stages, *args, "--out-dir", part, "--resume")
+    assert r.returncode == 0 and "resumed at step 2" in r.stdout, r.stderr[-3000:]
+    a = load_checkpoint(tmp_path / "whole" / "checkpoint.safetensors")
+    b = load_checkpoint(part / "checkpoint.safetensors")
+    assert a.step == b.step == 6 and all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+    assert a.meta["data_state"] == b.meta["data_state"]
+
+
 def test_python_dash_m_runs_the_cli():
     r = subprocess.run([bin_path("python"), "-m", "mice.cli", "train", "--k-experts", "2"], capture_output=True,
                        text=True, timeout=300, env=ENV)
