@@ -56,6 +56,14 @@ def _wide(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _per_row(table: Tensor, e: Tensor) -> Tensor:
+    """`table[e]` for a table [n, ...] of per-expert values and each row's expert `e` [M], as a one-hot matmul (exact):
+    the backward of `table[e]` is a scatter-add with M/n rows on each entry, which the GPU serialises; this one's is a
+    matmul. No host sync."""
+    hot = (e[:, None] == torch.arange(table.shape[0], device=e.device)).to(table.dtype)
+    return (hot @ table.reshape(table.shape[0], -1)).view(e.shape[0], *table.shape[1:])
+
+
 def _curv(c, x: Tensor, name: str = "c", positive: bool = True) -> Tensor:
     """Curvature `c` (a number, or a tensor broadcastable to `x[..., :1]`) as a tensor of `x`'s dtype and device; a
     ValueError naming `name` if `positive` and some `c <= 0` (tensor values checked where that is free: on the CPU)."""
@@ -373,12 +381,12 @@ def tangent_first(groups: tuple, x: Tensor, offs: Tensor, e: Tensor,
             out = default
             for m, v in values.items(): out = v if own[m] is True else torch.where(own[m], v, out)
             return out
-        c = torch.cat([g.curvature() for g in groups])[e][:, None]
+        c = _per_row(torch.cat([g.curvature() for g in groups])[:, None], e)
         sc = torch.where(c > 0, c, 1.0).sqrt() if "euclidean" in own else c.sqrt()   # flat rows: any finite value
         n = _norm(_wide(x))
         rho = sc * n
         rc = rho.clamp_max(RHO_MAX)
-        A, B, R, hit, Ve = {}, {}, {}, {}, V[e]
+        A, B, R, hit, Ve = {}, {}, {}, {}, _per_row(V, e)
         if "poincare" in own:
             A["poincare"], B["poincare"], hit["poincare"] = torch.sinh(2 * rc) / n, -torch.cosh(2 * rc), rho > RHO_MAX
         if "lorentz" in own:
@@ -395,7 +403,7 @@ def tangent_first(groups: tuple, x: Tensor, offs: Tensor, e: Tensor,
             B["sphere"], hit["sphere"] = (1 + k * tau.square() * ss.square()) / D, (f_in < 1) | (f_out < 1)
         y = pick(A, 1.0) * s + pick(B, 0.0) * Ve
         if "poincare" in own:
-            q = torch.sinh((2 * Z[e] * torch.asinh(y)).clamp(-V_MAX, V_MAX))         # sqrt(c) w
+            q = torch.sinh((2 * _per_row(Z, e) * torch.asinh(y)).clamp(-V_MAX, V_MAX))   # sqrt(c) w
             y = q if own["poincare"] is True else torch.where(own["poincare"], q, y)
         N = _norm(y)
         if "poincare" in own: R["poincare"] = torch.asinh(N) / (4 * sc * N)         # (1/2) log0
@@ -432,7 +440,7 @@ class SimplexExperts(ManifoldExperts):
 
     def first(self, x: Tensor, offs: Tensor, e: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
         with torch.autocast(x.device.type, enabled=False):
-            s = (self.curvature() * self.dim).sqrt()[e][:, None]
+            s = _per_row((self.curvature() * self.dim).sqrt()[:, None], e)
             p = simplex_exp0(_wide(x), s)
             t = (self.dim * p - 1).to(x.dtype)
         y = _wide(self.mm(t, self.gate_up, offs, valid)) / s
@@ -447,7 +455,7 @@ class PhaseExperts(ManifoldExperts):
 
     def first(self, x: Tensor, offs: Tensor, e: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
         with torch.autocast(x.device.type, enabled=False):
-            s = (self.curvature() * self.dim).sqrt()[e][:, None]
+            s = _per_row((self.curvature() * self.dim).sqrt()[:, None], e)
             a = s * _wide(x)
             f = torch.cat([torch.cos(a) - 1, torch.sin(a)], -1).to(x.dtype)
         wr, wi = self.gate_up.chunk(2, dim=1)
@@ -590,8 +598,8 @@ class GeometricExperts(nn.Module):
     def forward(self, x: Tensor, offs: Tensor) -> Tensor:
         """Each run of groups (`runs`: the tangent types side by side form one run, each other type its own) through
         `experts_forward`. One run: on all rows. Otherwise each run reads the rows from its first expert's start (a
-        gather; `grouped_linear` computes only its own rows, the rest give 0) and its rows are gathered back: no host
-        sync, elementwise work and two gathers of [M, dim] per run."""
+        gather by a cyclic shift; `grouped_linear` computes only its own rows, the rest give 0) and its rows are
+        gathered back: no host sync, elementwise work and two gathers of [M, dim] per run."""
         if len(self.runs) == 1: return experts_forward(tuple(self.groups.values()), x, offs)
         M = x.shape[0]
         rows = torch.arange(M, device=x.device)
@@ -599,8 +607,7 @@ class GeometricExperts(nn.Module):
         for names, begin, end in self.runs:
             start = offs[begin - 1].long() if begin else offs.new_zeros((), dtype=torch.long)
             stop = offs[end - 1].long()
-            local = (rows - start).clamp(0, M - 1)
-            src = (rows + start).clamp_max(M - 1)
+            local, src = (rows - start) % M, (rows + start) % M     # cyclic shifts: no row read twice
             yg = experts_forward(tuple(self.groups[m] for m in names), x.index_select(0, src),
                                  offs[begin:end] - start.to(offs.dtype), rows < stop - start)
             part = torch.where(((rows >= start) & (rows < stop))[:, None], yg.index_select(0, local), 0)
