@@ -242,6 +242,14 @@ V_MAX = 30.0                    # Poincare layer: clip of sqrt(c) v_k before its
 def _inv_softplus(y: float) -> float: return y + math.log(-math.expm1(-y))
 
 
+def _logspace(lo: float, hi: float, n: int) -> list[float]:
+    "`torch.logspace(log10 lo, log10 hi, n, dtype=float64).tolist()`, in Python (so a model builds on the meta device)."
+    a, b = math.log10(lo), math.log10(hi)
+    if n == 1: return [10 ** a]
+    step = (b - a) / (n - 1)
+    return [10 ** (a + step * i) if i < n // 2 else 10 ** (b - step * (n - 1 - i)) for i in range(n)]
+
+
 class ManifoldExperts(nn.Module):
     """`n_experts` experts of one manifold type, batched: `x -> first layer (dim -> 2 hidden, on the manifold) -> SiLU
     gate -> down (hidden -> dim)` on expert-sorted rows, like `GroupedExperts`. `gate_up` [n, 2 hidden, dim] and `down`
@@ -276,7 +284,7 @@ class ManifoldExperts(nn.Module):
         if "down" in self._parameters: nn.init.normal_(self.down, std=self.out_std)   # a product's factor has none
         if self.curved:
             lo, hi = self.curvature_init
-            c = torch.logspace(math.log10(lo), math.log10(hi), self.n_experts, dtype=torch.float64).tolist()
+            c = _logspace(lo, hi, self.n_experts)
             with torch.no_grad(): self.raw_curvature.copy_(torch.tensor([_inv_softplus(v - CURVATURE_EPS) for v in c]))
         for name in self.extras: nn.init.zeros_(getattr(self, name))
 

@@ -29,7 +29,8 @@ __all__ = ['FAMILIES', 'MODELS', 'FIXED', 'PRESETS', 'EUCLIDEAN', 'ConvexFFNKind
 # %% ../nbs/08_full_models.ipynb #5df49004
 @dataclass(frozen=True)
 class DecoderConfig:
-    "The shape every family shares: vocabulary, width, depth, heads, context, RoPE base, QK-norm, norm eps, tied head."
+    """The shape every family shares: vocabulary, width, depth, heads, context, RoPE base, QK-norm, norm eps, tied head,
+    and the MLP's width `hidden` (None: the family's default, `mlp_hidden`)."""
     vocab_size: int = 4096
     dim: int = 256
     n_layers: int = 4
@@ -40,10 +41,12 @@ class DecoderConfig:
     qk_norm: bool = True
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
+    hidden: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
             check_int(name, getattr(self, name))
+        if self.hidden is not None: check_int("hidden", self.hidden)
         if self.dim % self.n_heads: raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
@@ -56,6 +59,11 @@ class DecoderConfig:
     def residual_std(self) -> float:
         "Init std of the projections that write into the residual stream: 0.02 / sqrt(2 L) (GPT-2)."
         return 0.02 / math.sqrt(2 * self.n_layers)
+
+    @property
+    def mlp_hidden(self) -> int:
+        "The MLP's width: `hidden`, else SwiGLU's 8/3 dim rounded up to 64 (`swiglu_hidden`)."
+        return self.hidden or swiglu_hidden(self.dim)
 
 # %% ../nbs/08_full_models.ipynb #0d8b3e11
 @dataclass
@@ -193,15 +201,7 @@ Decoder.num_params, Decoder.flops_per_token, Decoder.new_cache = _num_params, _f
 @dataclass(frozen=True)
 class DenseConfig(DecoderConfig):
     "The dense baseline: SwiGLU MLPs of width `hidden` (None: 8/3 dim rounded up to 64), or top-k experts (`moe`)."
-    hidden: int | None = None
     moe: MoEConfig | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.hidden is not None: check_int("hidden", self.hidden)
-
-    @property
-    def mlp_hidden(self) -> int: return self.hidden or swiglu_hidden(self.dim)
 
 
 def topk_experts(c: DenseConfig) -> TopKMoE:
@@ -236,7 +236,6 @@ class DenseModel(Decoder):
 class DeepConfig(DecoderConfig):
     """complexity-deep: mu-guided attention (`mu`), INL dynamics (`inl`) and token-routed experts (`experts`), each
     optional; `hidden` is the SwiGLU (and expert) width; `legacy=True` is v0.13.0's math for all three."""
-    hidden: int | None = None
     mu: MuConfig | None = None
     inl: INLConfig | None = None
     experts: RoutedConfig | None = None
@@ -244,7 +243,6 @@ class DeepConfig(DecoderConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.hidden is not None: check_int("hidden", self.hidden)
         if self.legacy: self._take_legacy_options()
 
     def _take_legacy_options(self):
@@ -265,9 +263,6 @@ class DeepConfig(DecoderConfig):
             ("experts.mu_override", e and e.mu_override, e is None or e.mu_override in (None, "hard"))) if not ok]
         if bad: raise ValueError("legacy: v0.13.0 has mu.norm='none', inl.bounds='clamp', experts.route='modulo', "
                                  f"no shared expert and a 'hard' mu override or none; {', '.join(bad)} contradicts it")
-
-    @property
-    def mlp_hidden(self) -> int: return self.hidden or swiglu_hidden(self.dim)
 
 
 @dataclass
@@ -455,10 +450,11 @@ register_model("routed_mu_straight", DeepConfig(experts=RoutedConfig(mu_override
 def matched_hidden(name: str, preset: str | None, target: int, multiple_of: int = 8, **overrides) -> int:
     "MLP width that brings model `name`'s parameter count (without the embedding) closest to `target`."
     def count(h): return build_model(name, preset, **{**overrides, "hidden": h}).num_params(embedding=False)
+    a, b = 8 * multiple_of, 16 * multiple_of              # wide enough that no floor on an expert's width binds
     with torch.device("meta"):
-        n1, n2 = count(multiple_of), count(2 * multiple_of)
-    per = (n2 - n1) / multiple_of                         # parameters per unit of width (linear in it)
-    h = round((target - n1) / per / multiple_of) * multiple_of + multiple_of
+        na, nb = count(a), count(b)
+    per = (nb - na) / (b - a)                             # parameters per unit of width (linear in it)
+    h = round(((target - na) / per + a) / multiple_of) * multiple_of
     if h < multiple_of:
         raise ValueError(f"model {name!r} has more than {target} parameters even with MLP width {multiple_of}")
     return h
@@ -467,7 +463,7 @@ def matched_hidden(name: str, preset: str | None, target: int, multiple_of: int 
 def from_flat_config(name: str, flat: dict) -> DecoderConfig:
     "The config, in today's layout, of model `name` described by a flat `ModelConfig` dict (mice 0.1 checkpoints)."
     if name not in MODELS: raise ValueError(f"unknown model {name!r}; expected one of: {', '.join(MODELS)}")
-    shape = {k: flat[k] for k in DecoderConfig.__dataclass_fields__ if k in flat}
+    shape = {k: flat[k] for k in DecoderConfig.__dataclass_fields__ if k in flat and k != "hidden"}
     hidden = flat.get("hidden")
     if hidden == swiglu_hidden(flat.get("dim", DecoderConfig.dim)): hidden = None     # the default width
     legacy, g = bool(flat.get("legacy")), flat.get
@@ -489,16 +485,8 @@ def from_flat_config(name: str, flat: dict) -> DecoderConfig:
 class MGMConfig(DecoderConfig):
     """MGM: a geometric mixture of experts in the MLP position (`experts`; None: SwiGLU of width `hidden`) and a
     working memory read by attention (`memory`; None: plain causal attention)."""
-    hidden: int | None = None
     experts: GeometricConfig | None = None
     memory: MemoryConfig | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.hidden is not None: check_int("hidden", self.hidden)
-
-    @property
-    def mlp_hidden(self) -> int: return self.hidden or swiglu_hidden(self.dim)
 
 
 def mgm_mlp(c: MGMConfig, layer: int) -> nn.Module:
@@ -645,14 +633,12 @@ class ConvexConfig(DecoderConfig):
     `hidden`: petal / PICNN width (None: about the dense MLP's parameters; legacy: 0.5.0's 2 dim); `norm_momentum`."""
     ffn: str = "vectorhull"
     petals: int = 4
-    hidden: int | None = None
     norm_momentum: float = 0.01
 
     def __post_init__(self):
         super().__post_init__()
         check_choice("ffn", self.ffn, get_args(ConvexFFNKind))
         check_int("petals", self.petals)
-        if self.hidden is not None: check_int("hidden", self.hidden)
         check_number("norm_momentum", self.norm_momentum, gt=0, le=1)
 
     @property
