@@ -231,14 +231,14 @@ class _SharedTrunk(torch.autograd.Function):
                 acts.append(a)
         ctx.act, ctx.widths = act, widths
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, wx, pre, *raws, *ws, *acts)
+        ctx.save_for_backward(x, wx, bias, pre, *raws, *ws, *acts)
         return tuple(pre[..., c] for c in cols)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        x, wx, pre, *rest = ctx.saved_tensors
+        x, wx, bias, pre, *rest = ctx.saved_tensors
         k = len(ctx.widths) - 1
+        if torch.is_grad_enabled(): return _trunk_double_backward(ctx, grads, x, wx, bias, rest[:k])
         raws, ws, acts = rest[:k], rest[k:2 * k], rest[2 * k:]
         cols = _columns(ctx.widths)
         dpre = _grad_buffer(grads[-1], pre[..., cols[-1]], pre)
@@ -255,6 +255,25 @@ class _SharedTrunk(torch.autograd.Function):
         dwx = (x.T @ flat).view(wx.shape) if ctx.needs_input_grad[1] else None
         dbias = flat.sum(0).view(wx.shape[1:]) if ctx.needs_input_grad[2] else None
         return dx, dwx, dbias, None, None, *draws[::-1]
+
+
+def _trunk_double_backward(ctx, grads, x, wx, bias, raws) -> tuple:
+    """The trunk's backward when it must itself be differentiable (`create_graph=True`, e.g. Hessians): recompute the
+    layers from autograd ops on the saved inputs and differentiate those."""
+    N, (d, P, H) = x.shape[0], wx.shape
+    cols, inputs = _columns(ctx.widths), (x, wx, bias, *raws)
+    pre = torch.addmm(bias.flatten(), x, wx.flatten(1)).view(N, P, H)
+    outs = [pre[..., cols[0]]]
+    for i, raw in enumerate(raws, start=1):
+        z = ACTIVATIONS[ctx.act](outs[-1]).transpose(0, 1)
+        outs.append(pre[..., cols[i]] + torch.bmm(z, positive(raw)).transpose(0, 1))
+    need = [i for i, t in enumerate(inputs) if ctx.needs_input_grad[i if i < 3 else i + 2]]
+    used = [(o, g) for o, g in zip(outs, grads) if g is not None]
+    got = torch.autograd.grad([o for o, _ in used], [inputs[i] for i in need], [g for _, g in used],
+                              create_graph=True, allow_unused=True)
+    res = [None] * len(inputs)
+    for i, g in zip(need, got): res[i] = g
+    return *res[:3], None, None, *res[3:]
 
 
 def _columns(widths) -> list[slice]:
@@ -314,7 +333,7 @@ def _forward(self, x: Tensor, per_petal: bool | None = None) -> Tensor:
 Petals._input, Petals.preactivations, Petals.forward = _input, _preactivations, _forward
 Petals.preactivations_reference = _preactivations_reference
 
-# %% ../nbs/00_convex_petals.ipynb #bdb25f02
+# %% ../nbs/00_convex_petals.ipynb #6b149b1f
 LAYOUT_OPS = ("aten::copy_", "aten::fill_", "aten::zero_", "aten::cat", "aten::stack", "aten::clone", "aten::roll",
               "aten::index", "aten::index_put_", "aten::index_select", "aten::gather", "aten::scatter",
               "aten::scatter_add", "aten::slice_backward", "aten::select_backward")   # ops that move or fill memory
