@@ -227,7 +227,8 @@ class _SharedTrunk(torch.autograd.Function):
             acts, ws = [], [positive(r).to(pre.dtype) for r in raws]
             for i, w in enumerate(ws, start=1):
                 a = g(pre[..., cols[i - 1]])                                      # [N, P, h], fresh
-                pre[..., cols[i]].transpose(0, 1).baddbmm_(a.transpose(0, 1), w)   # in place: the GEMM adds to C
+                c = pre[..., cols[i]].transpose(0, 1)
+                torch.baddbmm(c, a.transpose(0, 1), w, out=c)                   # in place: the GEMM adds to C
                 acts.append(a)
         ctx.act, ctx.widths = act, widths
         ctx.set_materialize_grads(False)
@@ -333,7 +334,7 @@ def _forward(self, x: Tensor, per_petal: bool | None = None) -> Tensor:
 Petals._input, Petals.preactivations, Petals.forward = _input, _preactivations, _forward
 Petals.preactivations_reference = _preactivations_reference
 
-# %% ../nbs/00_convex_petals.ipynb #6b149b1f
+# %% ../nbs/00_convex_petals.ipynb #e37582ae
 LAYOUT_OPS = ("aten::copy_", "aten::fill_", "aten::zero_", "aten::cat", "aten::stack", "aten::clone", "aten::roll",
               "aten::index", "aten::index_put_", "aten::index_select", "aten::gather", "aten::scatter",
               "aten::scatter_add", "aten::slice_backward", "aten::select_backward")   # ops that move or fill memory
