@@ -284,7 +284,7 @@ def _columns(widths) -> list[slice]:
 
 
 def _composed(self, x: Tensor, per: bool, views: bool) -> list[Tensor]:
-    "Every layer's pre-activation composed from autograd ops ([..., P, width] each); `views=False` is the copying layout."
+    "Every layer's pre-activation from autograd ops ([..., P, width] each); `views=False` is the copying layout."
     lead = x.shape[:-2] if per else x.shape[:-1]
     P, d, H = self.petals, self.in_dim, self.wx.shape[-1]
     if per:
@@ -334,7 +334,7 @@ def _forward(self, x: Tensor, per_petal: bool | None = None) -> Tensor:
 Petals._input, Petals.preactivations, Petals.forward = _input, _preactivations, _forward
 Petals.preactivations_reference = _preactivations_reference
 
-# %% ../nbs/00_convex_petals.ipynb #e37582ae
+# %% ../nbs/00_convex_petals.ipynb #de09801d
 LAYOUT_OPS = ("aten::copy_", "aten::fill_", "aten::zero_", "aten::cat", "aten::stack", "aten::clone", "aten::roll",
               "aten::index", "aten::index_put_", "aten::index_select", "aten::gather", "aten::scatter",
               "aten::scatter_add", "aten::slice_backward", "aten::select_backward")   # ops that move or fill memory

@@ -216,7 +216,7 @@ class _MaxOfPairs(torch.autograd.Function):
 
 
 def max_of_means(v: Tensor, shifts: Tensor | None, group: int = 2, grad_in_place: bool = True) -> Tensor:
-    """VectorHull fusion: per output coordinate, the max over groups of (mean of the group's petals + the group's shift).
+    """VectorHull fusion: per output coordinate, the max over groups of (mean of the group's petals + its shift).
     `grad_in_place=False` keeps the first backward (`roll` and add), for the reference benchmark row."""
     P = v.shape[1]
     if group == 2 and P > 1:    # pairs: [(v_g + v_g+1) + 2 s_g] / 2 is exactly the mean plus s_g (x2 and /2 are exact)
