@@ -15,10 +15,11 @@ from torch import Tensor
 from .utils import check_choice, check_int, check_number, check_tensor
 
 # %% auto #0
-__all__ = ['Activation', 'ACTIVATIONS', 'Init', 'INITS', 'EPS64', 'positive', 'positive_inverse', 'relu_moments', 'act_moments',
-           'HKMoments', 'hk_moments', 'hk_init_', 'legacy_init_', 'naive_init_', 'Petals', 'ICNN', 'PICNN',
-           'ChordReport', 'chord_test', 'HessianReport', 'hessian_check', 'MonotonicityReport', 'monotonicity',
-           'layer_stats', 'PetalLoop', 'petals_suite']
+__all__ = ['Activation', 'ACTIVATIONS', 'Init', 'INITS', 'LAYOUT_OPS', 'GEMMS', 'EPS64', 'positive', 'positive_inverse',
+           'relu_moments', 'act_moments', 'HKMoments', 'hk_moments', 'hk_init_', 'legacy_init_', 'naive_init_',
+           'Petals', 'layout_of', 'empty_with_layout', 'layout_ops', 'ICNN', 'PICNN', 'ChordReport', 'chord_test',
+           'HessianReport', 'hessian_check', 'MonotonicityReport', 'monotonicity', 'layer_stats', 'PetalLoop',
+           'petals_suite']
 
 # %% ../nbs/00_convex_petals.ipynb #9539b0e4
 def positive(raw: Tensor) -> Tensor:
@@ -185,9 +186,105 @@ def _input(self, x: Tensor, per_petal: bool | None) -> bool:
     return per_petal
 
 
-def _preactivations(self, x: Tensor, per_petal: bool | None = None) -> list[Tensor]:
-    "Pre-activations of every layer, each `[..., P, width]` (the last one is the output)."
-    per = self._input(x, per_petal)
+def _grad_buffer(g: Tensor | None, out: Tensor, pre: Tensor) -> Tensor:
+    """The gradient buffer [N, P, H] of `pre`: `g` itself when it already lies in such a buffer at `out`'s place (as
+    `max_of_means` leaves it: nothing to copy), else a fresh buffer with `g` copied into `out`'s columns."""
+    if (g is not None and not torch.compiler.is_compiling() and g.stride() == out.stride()
+            and g.storage_offset() == out.storage_offset() and g.dtype == pre.dtype
+            and g.untyped_storage().nbytes() == pre.untyped_storage().nbytes()):
+        return g.as_strided(pre.shape, pre.stride(), 0)
+    buf = torch.empty_like(pre)
+    view = buf.as_strided(out.shape, out.stride(), out.storage_offset())
+    view.copy_(g) if g is not None else view.zero_()
+    return buf
+
+
+def layout_of(v: Tensor) -> tuple:
+    "(shape, strides, storage offset, storage elements) of `v`: what `empty_with_layout` rebuilds."
+    return tuple(v.shape), v.stride(), v.storage_offset(), v.untyped_storage().nbytes() // v.element_size()
+
+
+def empty_with_layout(layout: tuple, like: Tensor) -> Tensor:
+    """A fresh tensor (dtype and device of `like`) with the shape, strides and offset of `layout` in a new storage as
+    large as the original's: the gradient of a strided view, laid out so that the producer of the view can take the
+    whole storage as its own gradient buffer without a copy (`_grad_buffer`)."""
+    shape, stride, offset, n = layout
+    return like.new_empty(n).as_strided(shape, stride, offset)
+
+
+class _SharedTrunk(torch.autograd.Function):
+    """Every layer of the petals on a shared input x [N, d], with a hand-written backward. Layout: the one GEMM writes
+    `pre` [N, P, H] (token-major, as `x @ wx.flatten(1)` lays it out); every layer's pre-activation is a strided view of
+    it ([N, P, width] at its columns) and each deeper layer adds phi(z) W_z^+ into its view in place (a batched GEMM
+    over P reading and writing strided views). Backward fills one gradient buffer of `pre`'s layout the same way, so
+    dx, dW_x and the bias gradient are single GEMMs/reductions over it. No layout copy, zero-fill, stack or cat."""
+    @staticmethod
+    def forward(ctx, x, wx, bias, act, widths, *raws):
+        N, (d, P, H) = x.shape[0], wx.shape
+        with torch.autocast(x.device.type, enabled=False):                    # the caller cast x, wx and bias
+            pre = torch.addmm(bias.flatten(), x, wx.flatten(1)).view(N, P, H)   # ONE GEMM, token-major
+            g, cols = ACTIVATIONS[act], _columns(widths)
+            acts, ws = [], [positive(r).to(pre.dtype) for r in raws]
+            for i, w in enumerate(ws, start=1):
+                a = g(pre[..., cols[i - 1]])                                      # [N, P, h], fresh
+                c = pre[..., cols[i]].transpose(0, 1)
+                torch.baddbmm(c, a.transpose(0, 1), w, out=c)                   # in place: the GEMM adds to C
+                acts.append(a)
+        ctx.act, ctx.widths = act, widths
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, wx, bias, pre, *raws, *ws, *acts)
+        return tuple(pre[..., c] for c in cols)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, wx, bias, pre, *rest = ctx.saved_tensors
+        k = len(ctx.widths) - 1
+        if torch.is_grad_enabled(): return _trunk_double_backward(ctx, grads, x, wx, bias, rest[:k])
+        raws, ws, acts = rest[:k], rest[k:2 * k], rest[2 * k:]
+        cols = _columns(ctx.widths)
+        dpre = _grad_buffer(grads[-1], pre[..., cols[-1]], pre)
+        draws = []
+        for i in range(k, 0, -1):
+            G, dA, s = dpre[..., cols[i]].transpose(0, 1), dpre[..., cols[i - 1]], pre[..., cols[i - 1]]
+            draws.append(torch.bmm(acts[i - 1].transpose(0, 1).transpose(1, 2), G) * torch.sigmoid(raws[i - 1]))
+            torch.bmm(G, ws[i - 1].transpose(1, 2), out=dA.transpose(0, 1))          # straight into its columns
+            if ctx.act == "softplus": torch.ops.aten.softplus_backward.grad_input(dA, s, 1, 20, grad_input=dA)
+            else: torch.ops.aten.threshold_backward.grad_input(dA, s, 0, grad_input=dA)
+            if grads[i - 1] is not None: dA.add_(grads[i - 1])
+        flat = dpre.view(dpre.shape[0], -1)
+        dx = flat @ wx.flatten(1).T if ctx.needs_input_grad[0] else None
+        dwx = (x.T @ flat).view(wx.shape) if ctx.needs_input_grad[1] else None
+        dbias = flat.sum(0).view(wx.shape[1:]) if ctx.needs_input_grad[2] else None
+        return dx, dwx, dbias, None, None, *draws[::-1]
+
+
+def _trunk_double_backward(ctx, grads, x, wx, bias, raws) -> tuple:
+    """The trunk's backward when it must itself be differentiable (`create_graph=True`, e.g. Hessians): recompute the
+    layers from autograd ops on the saved inputs and differentiate those."""
+    N, (d, P, H) = x.shape[0], wx.shape
+    cols, inputs = _columns(ctx.widths), (x, wx, bias, *raws)
+    pre = torch.addmm(bias.flatten(), x, wx.flatten(1)).view(N, P, H)
+    outs = [pre[..., cols[0]]]
+    for i, raw in enumerate(raws, start=1):
+        z = ACTIVATIONS[ctx.act](outs[-1]).transpose(0, 1)
+        outs.append(pre[..., cols[i]] + torch.bmm(z, positive(raw)).transpose(0, 1))
+    need = [i for i, t in enumerate(inputs) if ctx.needs_input_grad[i if i < 3 else i + 2]]
+    used = [(o, g) for o, g in zip(outs, grads) if g is not None]
+    got = torch.autograd.grad([o for o, _ in used], [inputs[i] for i in need], [g for _, g in used],
+                              create_graph=True, allow_unused=True)
+    res = [None] * len(inputs)
+    for i, g in zip(need, got): res[i] = g
+    return *res[:3], None, None, *res[3:]
+
+
+def _columns(widths) -> list[slice]:
+    "Column slices of each layer in the packed width H = sum(widths)."
+    ends = np.cumsum([0, *widths]).tolist()
+    return [slice(a, b) for a, b in zip(ends[:-1], ends[1:])]
+
+
+def _composed(self, x: Tensor, per: bool, views: bool) -> list[Tensor]:
+    "Every layer's pre-activation from autograd ops ([..., P, width] each); `views=False` is the copying layout."
     lead = x.shape[:-2] if per else x.shape[:-1]
     P, d, H = self.petals, self.in_dim, self.wx.shape[-1]
     if per:
@@ -202,7 +299,29 @@ def _preactivations(self, x: Tensor, per_petal: bool | None = None) -> list[Tens
     for i, raw in enumerate(self.wz_raw, start=1):
         s = torch.baddbmm(pre[..., self._slice(i)], g(s), positive(raw))
         out.append(s)
+    if views: return [t.transpose(0, 1).view(*lead, P, t.shape[-1]) for t in out]
     return [t.transpose(0, 1).reshape(*lead, P, t.shape[-1]) for t in out]
+
+
+def _preactivations(self, x: Tensor, per_petal: bool | None = None) -> list[Tensor]:
+    """Pre-activations of every layer, each `[..., P, width]` (the last one is the output): strided views of one
+    token-major buffer (`_SharedTrunk`) for a shared input; composed from autograd ops for a per-petal input and
+    under `torch.compile` (whose compiler chooses the layouts itself)."""
+    per = self._input(x, per_petal)
+    if per or torch.compiler.is_compiling(): return _composed(self, x, per, views=True)
+    lead, dev, params = x.shape[:-1], x.device.type, (self.wx, self.bias)
+    if torch.is_autocast_enabled(dev):                         # the GEMMs in the autocast dtype, as autocast would
+        dt = torch.get_autocast_dtype(dev)
+        x, params = x.to(dt), tuple(p.to(dt) for p in params)
+    widths = (self.hidden,) * self.depth + (self.out_dim,)
+    outs = _SharedTrunk.apply(x.reshape(-1, self.in_dim), *params, self.act, widths, *self.wz_raw)
+    return [t.view(*lead, *t.shape[1:]) for t in outs]
+
+
+def _preactivations_reference(self, x: Tensor, per_petal: bool | None = None) -> list[Tensor]:
+    """Benchmark and test reference only: `preactivations` as first written, composed from autograd ops with layout
+    copies (transposed reshapes in forward, slice zero-fills in backward)."""
+    return _composed(self, x, self._input(x, per_petal), views=False)
 
 
 def _forward(self, x: Tensor, per_petal: bool | None = None) -> Tensor:
@@ -213,6 +332,29 @@ def _forward(self, x: Tensor, per_petal: bool | None = None) -> Tensor:
 
 
 Petals._input, Petals.preactivations, Petals.forward = _input, _preactivations, _forward
+Petals.preactivations_reference = _preactivations_reference
+
+# %% ../nbs/00_convex_petals.ipynb #de09801d
+LAYOUT_OPS = ("aten::copy_", "aten::fill_", "aten::zero_", "aten::cat", "aten::stack", "aten::clone", "aten::roll",
+              "aten::index", "aten::index_put_", "aten::index_select", "aten::gather", "aten::scatter",
+              "aten::scatter_add", "aten::slice_backward", "aten::select_backward")   # ops that move or fill memory
+GEMMS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_")
+
+
+def layout_ops(fn, min_numel: int) -> tuple[dict, dict]:
+    """Profile `fn()` on the CPU; count the `LAYOUT_OPS` calls with an operand of at least `min_numel` elements:
+    ({op: count} outside any GEMM, {op: count} inside one)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof: fn()
+    outside, inside = {}, {}
+    for e in prof.events():
+        if e.name not in LAYOUT_OPS or max((math.prod(s) for s in e.input_shapes if s), default=0) < min_numel:
+            continue
+        p = e.cpu_parent
+        while p is not None and p.name not in GEMMS: p = p.cpu_parent
+        counts = outside if p is None else inside
+        counts[e.name] = counts.get(e.name, 0) + 1
+    return outside, inside
 
 # %% ../nbs/00_convex_petals.ipynb #97c94dab
 def _input_weight(self) -> Tensor:

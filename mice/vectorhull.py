@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from dataclasses import dataclass
-from .petals import Activation, Init, Petals, positive
+from .petals import Activation, Init, Petals, empty_with_layout, layout_of, positive
 from .utils import check_choice, check_int, check_number, check_tensor, num_params
 
 # %% auto #0
@@ -19,9 +19,9 @@ __all__ = ['TRANSCENDENTAL', 'Invert', 'BENCH_VARIANTS', 'atlas_angles', 'pair_m
            'LegacyPetals', 'legacy_closed_form', 'legacy_reference', 'count_flops', 'count_transcendentals',
            'group_means', 'max_of_means', 'lse_fusion', 'topk_fusion', 'PetalMixture', 'VectorHull', 'group_winners',
            'LSEMixture', 'TopKMixture', 'MLP', 'LegacyVectorHull', 'scramble_', 'VectorHullFoldPerCall',
-           'VectorHullRotateInput', 'vectorhull_suite', 'RunningAffineNorm', 'LegacyBatchAffineNorm',
-           'legacy_embedding_table', 'orthogonal_embedding_', 'embedding_conditioning', 'WinnerShares', 'winner_shares',
-           'principal_plane', 'plane_winners']
+           'VectorHullRotateInput', 'VectorHullReference', 'vectorhull_suite', 'RunningAffineNorm',
+           'LegacyBatchAffineNorm', 'legacy_embedding_table', 'orthogonal_embedding_', 'embedding_conditioning',
+           'WinnerShares', 'winner_shares', 'principal_plane', 'plane_winners']
 
 # %% ../nbs/01_vectorhull_atlas.ipynb #459cf8c1
 def atlas_angles(petals: int, max_angle: float = math.pi / 4, device=None) -> Tensor:
@@ -186,16 +186,19 @@ class _MaxOfPairs(torch.autograd.Function):
     """max_g [(v_g + v_{g+1 mod P}) + s2_g] / 2 over dim 1 of v [N, P, O], saving only the winning group [N, O] (uint8).
     Backward without atomics: G = half the gradient at the winning group and 0 elsewhere (`where` on an index compare),
     petal p receives G[:, p] + G[:, p-1], and s2 receives G summed over tokens and coordinates (a plain reduction).
+    With `in_place`, the petals' gradient is written straight into a tensor laid out like `v` (two adds, no `roll`):
+    when `v` is a view of the petals' buffer, that buffer's producer takes it over without a copy.
     One winner per coordinate (amax would split ties evenly; both are subgradients)."""
     @staticmethod
-    def forward(ctx, v, s2):
+    def forward(ctx, v, s2, in_place: bool):
         P = v.shape[1]
-        pair, wrap = v[:, :-1] + v[:, 1:] + s2[:-1, None], v[:, -1] + v[:, 0] + s2[-1]
+        pair, wrap = torch.add(v[:, :-1], v[:, 1:]).add_(s2[:-1, None]), v[:, -1] + v[:, 0] + s2[-1]
         best, idx = pair.max(1)
         last = wrap > best
         idx = torch.where(last, P - 1, idx).to(torch.uint8 if P <= 256 else torch.int32)   # 1 byte per coordinate
         ctx.save_for_backward(idx)
         ctx.P, ctx.s2_dtype = P, s2.dtype
+        ctx.layout = layout_of(v) if in_place and not torch.compiler.is_compiling() else None
         return torch.where(last, wrap, best) * 0.5
 
     @staticmethod
@@ -204,15 +207,21 @@ class _MaxOfPairs(torch.autograd.Function):
         (idx,) = ctx.saved_tensors
         groups = torch.arange(ctx.P, device=g.device, dtype=idx.dtype)[:, None]
         G = torch.where(idx.unsqueeze(1) == groups, (g * 0.5).unsqueeze(1), 0)       # [N, P, O]: d y / d score_g
-        return G + G.roll(1, dims=1), G.sum((0, 2), dtype=torch.float32).to(ctx.s2_dtype)
+        ds2 = G.sum((0, 2), dtype=torch.float32).to(ctx.s2_dtype)
+        if ctx.layout is None: return G + G.roll(1, dims=1), ds2, None
+        dv = empty_with_layout(ctx.layout, G)
+        torch.add(G[:, 1:], G[:, :-1], out=dv[:, 1:])
+        torch.add(G[:, 0], G[:, -1], out=dv[:, 0])
+        return dv, ds2, None
 
 
-def max_of_means(v: Tensor, shifts: Tensor | None, group: int = 2) -> Tensor:
-    "VectorHull fusion: per output coordinate, the max over groups of (mean of the group's petals + the group's shift)."
+def max_of_means(v: Tensor, shifts: Tensor | None, group: int = 2, grad_in_place: bool = True) -> Tensor:
+    """VectorHull fusion: per output coordinate, the max over groups of (mean of the group's petals + its shift).
+    `grad_in_place=False` keeps the first backward (`roll` and add), for the reference benchmark row."""
     P = v.shape[1]
     if group == 2 and P > 1:    # pairs: [(v_g + v_g+1) + 2 s_g] / 2 is exactly the mean plus s_g (x2 and /2 are exact)
         s2 = 2 * shifts.to(v.dtype) if shifts is not None else v.new_zeros(P)
-        return _MaxOfPairs.apply(v, s2)
+        return _MaxOfPairs.apply(v, s2, grad_in_place)
     m = group_means(v, group)
     if shifts is not None: m = m + shifts.to(m.dtype)[:, None]
     return m.amax(1)
@@ -427,6 +436,16 @@ class VectorHullRotateInput(VectorHull):
         xt = rotate_pairs(x[:, None, :].expand(-1, self.n_petals, -1), c[:, None], s[:, None])
         return self.map_back(self.petals(xt, per_petal=True), x.dtype)
 
+
+class VectorHullReference(VectorHull):
+    """Benchmark and test reference only: `VectorHull` as first written, the same function and parameters with the
+    layout copies of the composed path (`Petals.preactivations_reference`) and the `roll` backward of the max."""
+    def petal_outputs(self, x: Tensor) -> Tensor:
+        return self.map_back(self.petals.preactivations_reference(x, per_petal=False)[-1], x.dtype)
+
+    def fuse(self, v: Tensor, x: Tensor) -> Tensor:
+        return max_of_means(v, self.shifts, self.group, grad_in_place=False)
+
 # %% ../nbs/01_vectorhull_atlas.ipynb #b0e0e349
 from dataclasses import replace
 from .bench import bench_step, compare, compile_modes, context, floor_ms, opt_ints, opt_strs
@@ -434,6 +453,7 @@ from .bench import bench_step, compare, compile_modes, context, floor_ms, opt_in
 BENCH_VARIANTS = {   # name -> constructor(D, P); "mlp" is the baseline of every comparison
     "mlp": lambda D, P: MLP(D),
     "vectorhull": lambda D, P: VectorHull(D, P),
+    "vectorhull reference": lambda D, P: VectorHullReference(D, P),
     "vectorhull fold": lambda D, P: VectorHullFoldPerCall(D, P),
     "vectorhull input": lambda D, P: VectorHullRotateInput(D, P),
     "legacy": lambda D, P: LegacyVectorHull(D, P),
@@ -488,10 +508,12 @@ def vectorhull_suite(args):
             part = [r for r in group if r.name.endswith(suffix) and (compiled or not r.name.endswith(" compiled"))]
             mlp = part[0]
             legacy = next((r for r in part if r.name.startswith("legacy")), None)
+            first = next((r for r in part if r.name.startswith("vectorhull reference")), None)
             def notes(r):
                 floor = floor_ms(r.step_flops, 0, ref.tflops, 1)
                 vs_legacy = f"; x legacy {r.ms / legacy.ms:.2f}" if legacy else ""
-                return f"{r.note}; flop x {r.flops / mlp.flops:.2f}; floor {floor:.3f} ms{vs_legacy}"
+                vs_first = f"; x reference {r.ms / first.ms:.2f}" if first else ""
+                return f"{r.note}; flop x {r.flops / mlp.flops:.2f}; floor {floor:.3f} ms{vs_legacy}{vs_first}"
             rows += compare([replace(r, note=notes(r)) for r in part], mlp.name)
     return rows
 

@@ -245,3 +245,38 @@ def test_petal_loop_baseline_matches_petals_math():
     assert y.shape == (5, 2, 2)
     assert torch.allclose(y[:, 1], loop.nets[1](x))
     assert loop.flops_per_token() == Petals(3, 2, 4, 2).flops_per_token()
+
+
+@pytest.mark.parametrize("act", ["softplus", "relu"])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_petals_trunk_equals_reference(act, depth):
+    "The hand-written trunk: every layer's output and every gradient equal the composed reference (float64)."
+    torch.manual_seed(depth)
+    m = Petals(5, 3, 4, 2, depth=depth, act=act).double()
+    x = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+    outs, refs = m.preactivations(x), m.preactivations_reference(x)
+    ws = [torch.randn_like(r) for r in refs]
+    def grads(o): return torch.autograd.grad(sum((a * w).sum() for a, w in zip(o, ws)), [x, *m.parameters()])
+    assert max((a - b).abs().max().item() for a, b in zip([*outs, *grads(outs)], [*refs, *grads(refs)])) < 1e-13
+
+
+def test_petals_trunk_no_layout_copies_but_the_output_gradient():
+    "Only the copy of an ordinary output gradient into the trunk's buffer remains; the reference has many more."
+    from mice.petals import layout_ops
+    torch.manual_seed(0)
+    m = Petals(8, 4, 16, 8, depth=2)
+    x, w = torch.randn(512, 8, requires_grad=True), torch.randn(512, 4, 8)
+    new = layout_ops(lambda: (m(x) * w).sum().backward(), 512 * 4 * 8)
+    old = layout_ops(lambda: (m.preactivations_reference(x)[-1] * w).sum().backward(), 512 * 4 * 8)
+    assert new[0] == {"aten::copy_": 1} and {"aten::slice_backward", "aten::clone", "aten::zero_"} <= set(old[0])
+
+
+def test_petals_trunk_under_autocast():
+    torch.manual_seed(0)
+    m = Petals(8, 4, 16, 8, depth=2)
+    x = torch.randn(32, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y0 = m(x), m.preactivations_reference(x)[-1]
+    assert y.dtype == torch.bfloat16 and (y.float() - y0.float()).abs().max() < 0.1
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())

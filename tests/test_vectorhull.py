@@ -172,3 +172,46 @@ def test_legacy_state_dict_layout_is_0_5_0_transcriptions():
     """`LegacyVectorHull` keeps the parameter names of the former `VectorHull(legacy=True)`: checkpoints load."""
     names = list(LegacyVectorHull(6, 4).state_dict())
     assert names == ["shifts"] + [f"petals.{n}" for n in ("w0", "b0", "w1", "b1", "wr", "br", "wg", "bg", "c")]
+
+
+def _layer_ops(m, n=512):
+    from mice.petals import layout_ops
+    x, w = torch.randn(n, m.in_dim, requires_grad=True), torch.randn(n, m.out_dim)
+    return layout_ops(lambda: (m(x) * w).sum().backward(), n * m.n_petals * m.out_dim)
+
+
+def test_vectorhull_layer_has_no_layout_copies():
+    "Forward + backward of a VectorHull layer: no full-size copy/fill/cat/stack/roll/index op outside the GEMMs."
+    from mice.vectorhull import VectorHullReference
+    torch.manual_seed(0)
+    new, old = _layer_ops(VectorHull(8, 4)), _layer_ops(VectorHullReference(8, 4))
+    print("now", new, "reference", old)
+    assert new[0] == {}
+    assert {"aten::roll", "aten::slice_backward", "aten::clone", "aten::zero_"} <= set(old[0])
+
+
+@pytest.mark.parametrize("invert", [False, True, "nonneg"])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_vectorhull_equals_reference_float64(invert, depth):
+    from mice.vectorhull import VectorHullReference
+    torch.manual_seed(depth)
+    new = VectorHull(6, 4, invert=invert, depth=depth).double()
+    ref = VectorHullReference(6, 4, invert=invert, depth=depth).double()
+    ref.load_state_dict(new.state_dict())
+    x = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    yn, yr = new(x), ref(x)
+    w = torch.randn_like(yr)
+    gn = torch.autograd.grad((yn * w).sum(), [x, *new.parameters()])
+    gr = torch.autograd.grad((yr * w).sum(), [x, *ref.parameters()])
+    assert max((a - b).abs().max().item() for a, b in zip([yn, *gn], [yr, *gr])) < 1e-13
+
+
+def test_vectorhull_compiles_fullgraph_with_gradients():
+    torch.manual_seed(0)
+    m = VectorHull(8, 4)
+    x = torch.randn(6, 8, requires_grad=True)
+    yc = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+    (gc,) = torch.autograd.grad(yc.sum(), x)
+    (ge,) = torch.autograd.grad(m(x).sum(), x)
+    torch._dynamo.reset()
+    assert torch.allclose(yc, m(x), atol=1e-6) and torch.allclose(gc, ge, atol=1e-6)
