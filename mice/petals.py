@@ -15,11 +15,11 @@ from torch import Tensor
 from .utils import check_choice, check_int, check_number, check_tensor
 
 # %% auto #0
-__all__ = ['Activation', 'ACTIVATIONS', 'Init', 'INITS', 'LAYOUT_OPS', 'GEMMS', 'EPS64', 'positive', 'positive_inverse',
-           'relu_moments', 'act_moments', 'HKMoments', 'hk_moments', 'hk_init_', 'legacy_init_', 'naive_init_',
-           'Petals', 'layout_of', 'empty_with_layout', 'layout_ops', 'ICNN', 'PICNN', 'ChordReport', 'chord_test',
-           'HessianReport', 'hessian_check', 'MonotonicityReport', 'monotonicity', 'layer_stats', 'PetalLoop',
-           'petals_suite']
+__all__ = ['Activation', 'SOFTPLUS_THRESHOLD', 'ACTIVATIONS', 'Init', 'INITS', 'LAYOUT_OPS', 'GEMMS', 'EPS64', 'positive',
+           'positive_inverse', 'convex_softplus', 'relu_moments', 'act_moments', 'HKMoments', 'hk_moments', 'hk_init_',
+           'legacy_init_', 'naive_init_', 'Petals', 'layout_of', 'empty_with_layout', 'layout_ops', 'ICNN', 'PICNN',
+           'ChordReport', 'chord_test', 'HessianReport', 'hessian_check', 'MonotonicityReport', 'monotonicity',
+           'layer_stats', 'PetalLoop', 'petals_suite']
 
 # %% ../nbs/00_convex_petals.ipynb #9539b0e4
 def positive(raw: Tensor) -> Tensor:
@@ -33,7 +33,16 @@ def positive_inverse(w: Tensor) -> Tensor:
 
 # %% ../nbs/00_convex_petals.ipynb #58aa4a8b
 Activation = Literal["softplus", "relu"]
-ACTIVATIONS = {"softplus": F.softplus, "relu": F.relu}     # the function of each `Activation`
+SOFTPLUS_THRESHOLD = 40.0   # softplus(x) = x above it: the log1p(exp(-x)) dropped there (4e-18) is below float64's ulp
+
+
+def convex_softplus(x: Tensor) -> Tensor:
+    """`softplus` whose switch to the identity (at `SOFTPLUS_THRESHOLD`) is below float64 resolution. torch's default
+    switches at 20, where it drops `log1p(exp(-20))` = 2.1e-9: a downward step, which breaks convexity in float64."""
+    return F.softplus(x, threshold=SOFTPLUS_THRESHOLD)
+
+
+ACTIVATIONS = {"softplus": convex_softplus, "relu": F.relu}     # the function of each `Activation`
 
 
 def _activation(act: Activation):
@@ -248,7 +257,8 @@ class _SharedTrunk(torch.autograd.Function):
             G, dA, s = dpre[..., cols[i]].transpose(0, 1), dpre[..., cols[i - 1]], pre[..., cols[i - 1]]
             draws.append(torch.bmm(acts[i - 1].transpose(0, 1).transpose(1, 2), G) * torch.sigmoid(raws[i - 1]))
             torch.bmm(G, ws[i - 1].transpose(1, 2), out=dA.transpose(0, 1))          # straight into its columns
-            if ctx.act == "softplus": torch.ops.aten.softplus_backward.grad_input(dA, s, 1, 20, grad_input=dA)
+            if ctx.act == "softplus":
+                torch.ops.aten.softplus_backward.grad_input(dA, s, 1, SOFTPLUS_THRESHOLD, grad_input=dA)
             else: torch.ops.aten.threshold_backward.grad_input(dA, s, 0, grad_input=dA)
             if grads[i - 1] is not None: dA.add_(grads[i - 1])
         flat = dpre.view(dpre.shape[0], -1)
