@@ -667,7 +667,7 @@ def generate(model: Decoder, prompts, max_new_tokens: int, temperature: float = 
     path); `compile`: compile that step (True: CUDA graphs on CUDA, or a dict of `torch.compile` options)."""
     rows = prompt_lists(prompts, attention_mask)
     check_generation(max_new_tokens, temperature, top_k, seed)
-    static = decode_path(model, static, compile)
+    static = decode_path(model, static, compile) and max_new_tokens > 0     # no step: the prefill alone
     if not rows or any(len(p) == 0 for p in rows): raise ValueError("prompts: every prompt needs a token (non-empty)")
     V = model.config.vocab_size
     if bad := [t for p in rows for t in p if not 0 <= t < V]:
