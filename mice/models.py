@@ -554,6 +554,9 @@ def _decode_step(self, tok: Tensor, cache: KVCache) -> Tensor:
     """Logits [B, vocab] of one new token per row, `tok` [B, 1], written at the cache's device position `cache.at`
     (rows at positions `cache.pos`); advances both in place. Shapes are fixed by the cache and no value goes to the
     host, so the step compiles once and replays as a CUDA graph. Call `cache.begin_decode()` after the prefill."""
+    if not self.static_decode:
+        raise ValueError(f"decode_step: {type(self).__name__} keeps a working memory that grows every step; "
+                         "decode it with forward(tokens, cache)")
     step = Step(cache.pos[:, None], cache.decode_mask(), cache.at, tok, cache)
     x, state = self.embed(tok), self.initial_state(tok)
     for block in self.blocks: x, state = block(x, step, state)
