@@ -23,7 +23,7 @@ __all__ = ['FAMILIES', 'MODELS', 'FIXED', 'PRESETS', 'EUCLIDEAN', 'ConvexFFNKind
            'Decoder', 'DenseConfig', 'topk_experts', 'DenseBlock', 'DenseModel', 'DeepConfig', 'DeepState',
            'deep_attention', 'deep_mlp', 'DeepBlock', 'DeepModel', 'Family', 'Size', 'register_family', 'family_of',
            'register_model', 'model_config', 'build_model', 'matched_hidden', 'from_flat_config', 'MGMConfig',
-           'mgm_mlp', 'MGMBlock', 'MGMModel', 'sample_tokens', 'check_generation', 'prompt_lists', 'decode_path',
+           'mgm_mlp', 'MGMBlock', 'MGMModel', 'next_tokens', 'check_generation', 'prompt_lists', 'decode_path',
            'generate', 'ConvexConfig', 'ConvexFFN', 'ConvexBlock', 'ConvexModel']
 
 # %% ../nbs/08_full_models.ipynb #5df49004
@@ -573,7 +573,7 @@ def _static_decode(self) -> bool:
 Decoder.decode_step, Decoder.static_decode = _decode_step, property(_static_decode)
 
 
-def sample_tokens(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+def next_tokens(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
                   generator: torch.Generator | None = None) -> Tensor:
     """Next tokens [B, 1] from `logits` [B, vocab]: greedy at `temperature=0`, else a draw from the softmax of the
     top-`k` logits over `temperature`. The draw is `torch.multinomial`'s own one-sample path (argmax of p / q with
@@ -691,7 +691,7 @@ def generate(model: Decoder, prompts, max_new_tokens: int, temperature: float = 
     out = []
     if static: cache.begin_decode()
     for _ in range(max_new_tokens if static else 0):
-        out.append(sample_tokens(logits, temperature, top_k, gen))
+        out.append(next_tokens(logits, temperature, top_k, gen))
         if compile: torch.compiler.cudagraph_mark_step_begin()
         logits = step(out[-1], cache)
     for _ in range(0 if static else max_new_tokens):

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mice.models import DenseConfig, DenseModel, generate, sample_tokens
+from mice.models import DenseConfig, DenseModel, generate, next_tokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -68,7 +68,7 @@ def test_static_decode_step_has_no_host_sync():
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            for _ in range(5): logits = model.decode_step(sample_tokens(logits, 0.8, 10, gen), cache)
+            for _ in range(5): logits = model.decode_step(next_tokens(logits, 0.8, 10, gen), cache)
         finally: torch.cuda.set_sync_debug_mode("default")
 
 

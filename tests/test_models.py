@@ -182,10 +182,10 @@ def test_static_step_compiles_once():
     assert len(graphs) == 1
 
 
-def test_sample_tokens_is_multinomials_draw():
-    from mice.models import sample_tokens
+def test_next_tokens_is_multinomials_draw():
+    from mice.models import next_tokens
     for s in range(5):
         logits = torch.randn(3, 100) * 3
         g1, g2 = torch.Generator().manual_seed(s), torch.Generator().manual_seed(s)
-        assert torch.equal(sample_tokens(logits, 1.0, None, g1), torch.multinomial(logits.softmax(-1), 1, generator=g2))
+        assert torch.equal(next_tokens(logits, 1.0, None, g1), torch.multinomial(logits.softmax(-1), 1, generator=g2))
         assert torch.equal(g1.get_state(), g2.get_state())
