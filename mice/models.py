@@ -23,8 +23,8 @@ __all__ = ['FAMILIES', 'MODELS', 'FIXED', 'PRESETS', 'EUCLIDEAN', 'ConvexFFNKind
            'Decoder', 'DenseConfig', 'topk_experts', 'DenseBlock', 'DenseModel', 'DeepConfig', 'DeepState',
            'deep_attention', 'deep_mlp', 'DeepBlock', 'DeepModel', 'Family', 'Size', 'register_family', 'family_of',
            'register_model', 'model_config', 'build_model', 'matched_hidden', 'from_flat_config', 'MGMConfig',
-           'mgm_mlp', 'MGMBlock', 'MGMModel', 'next_tokens', 'check_generation', 'prompt_lists', 'decode_path',
-           'generate', 'ConvexConfig', 'ConvexFFN', 'ConvexBlock', 'ConvexModel']
+           'mgm_mlp', 'MGMBlock', 'MGMModel', 'sampling_probs', 'next_tokens', 'check_generation', 'prompt_lists',
+           'decode_path', 'generate', 'ConvexConfig', 'ConvexFFN', 'ConvexBlock', 'ConvexModel']
 
 # %% ../nbs/08_full_models.ipynb #5df49004
 @dataclass(frozen=True)
@@ -573,17 +573,22 @@ def _static_decode(self) -> bool:
 Decoder.decode_step, Decoder.static_decode = _decode_step, property(_static_decode)
 
 
-def next_tokens(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  generator: torch.Generator | None = None) -> Tensor:
-    """Next tokens [B, 1] from `logits` [B, vocab]: greedy at `temperature=0`, else a draw from the softmax of the
-    top-`k` logits over `temperature`. The draw is `torch.multinomial`'s own one-sample path (argmax of p / q with
-    q ~ Exp(1) from `generator`): the same tokens and generator state, without its host-side check of p."""
-    if temperature == 0: return logits.argmax(-1, keepdim=True)
+def sampling_probs(logits: Tensor, temperature: float, top_k: int | None = None) -> Tensor:
+    "The softmax of the top-`k` logits [B, vocab] over `temperature` > 0 (float32), the others at probability 0."
     logits = logits.float() / temperature
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))
-    p = logits.softmax(-1)
+    return logits.softmax(-1)
+
+
+def next_tokens(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Next tokens [B, 1] from `logits` [B, vocab]: greedy at `temperature=0`, else a draw from `sampling_probs`,
+    by `torch.multinomial`'s own one-sample path (argmax of p / q with q ~ Exp(1) from `generator`): the same tokens
+    and generator state as `torch.multinomial(p, 1)`, without its host-side check of p."""
+    if temperature == 0: return logits.argmax(-1, keepdim=True)
+    p = sampling_probs(logits, temperature, top_k)
     return (p / torch.empty_like(p).exponential_(1, generator=generator)).argmax(-1, keepdim=True)
 
 # %% ../nbs/08_full_models.ipynb #bba1b816
@@ -696,12 +701,7 @@ def generate(model: Decoder, prompts, max_new_tokens: int, temperature: float = 
         logits = step(out[-1], cache)
     for _ in range(0 if static else max_new_tokens):
         if temperature == 0: nxt = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits.float() / temperature
-            if top_k is not None:
-                kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, -float("inf"))
-            nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)
+        else: nxt = torch.multinomial(sampling_probs(logits, temperature, top_k), 1, generator=gen)
         out.append(nxt)
         logits = model(nxt, cache)[:, -1]
     new = torch.cat(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=device)
