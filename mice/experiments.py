@@ -377,11 +377,11 @@ def decode_suite(args) -> list[Result]:
     timer = dict(warmup=args.warmup, repeat=args.repeat, device=device)
     hf = hf_llama(model) if with_hf else None
     check = ""
-    if hf is not None: check = f"; transformers {__import__('transformers').__version__}"
+    if hf is not None: check = f"; transformers {__import__('transformers').__version__}, Llama's own random weights"
     if hf is not None and copies_into_llama(model):
         ids = torch.randint(c.vocab_size, (2, min(P, 64)), device=device)
         with torch.no_grad(): err = (hf(ids).logits.float() - model(ids).float()).abs().max().item()
-        check += f", weights copied, logits agree to {err:.1e}"
+        check = check.replace("Llama's own random weights", f"weights copied, logits agree to {err:.1e}")
     rows = compare([copy], copy.name)
     for B in batches:
         prompts = torch.randint(c.vocab_size, (B, P), generator=torch.Generator().manual_seed(B)).to(device)
