@@ -89,8 +89,31 @@ class KVCache:
         self.valid = torch.ones(batch, max_len, device=device, dtype=torch.bool)
         self.length, self.max_len, self.padded = 0, max_len, False
         self.state: dict[int, object] = {}   # per layer: what a block carries across calls besides keys and values
+        self.at = torch.zeros((), device=device, dtype=torch.long)        # static steps: the write position
+        self.pos = torch.zeros(batch, device=device, dtype=torch.long)    # static steps: each row's next position
 
     def layer(self, i: int) -> tuple[Tensor, Tensor]: return self.k[i], self.v[i]
+
+    def reset(self):
+        "Empty again (the buffers are kept): for a new batch of prompts of the same shape."
+        self.length, self.padded = 0, False
+        self.valid.fill_(True)
+        self.state.clear()
+
+    def begin_decode(self):
+        "Set the device write position `at` and positions `pos` from the tokens seen so far (after the prefill)."
+        self.at.fill_(self.length)
+        if self.padded: self.pos.copy_(self.valid[:, :self.length].sum(-1))
+        else: self.pos.fill_(self.length)
+
+    def decode_mask(self) -> Tensor:
+        "Mask [B, 1, 1, max_len] of a one-token static step: the real keys at or before the write position `at`."
+        k = torch.arange(self.max_len, device=self.valid.device)
+        return ((k <= self.at) & self.valid)[:, None, None]
+
+    def mark_static(self):
+        "Tell `torch.compile` the buffers keep their addresses (CUDA graphs then read and write them in place)."
+        for t in (self.k, self.v, self.valid, self.at, self.pos): torch._dynamo.mark_static_address(t)
 
 # %% ../nbs/foundation/02_blocks.ipynb #461bfb6a
 class Attention(nn.Module):
@@ -122,23 +145,32 @@ class Attention(nn.Module):
         return [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
 
     def heads(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, kv: tuple[Tensor, Tensor] | None = None,
-              start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+              start: int | Tensor = 0) -> tuple[Tensor, Tensor, Tensor]:
         """Per-head `q` [B, H, T, d_h] and the keys and values to attend to [B, H_kv, start+T, d_h] (QK-norm, RoPE;
-        with a cache `kv`, the new keys and values are written at `start:start+T` and all `start+T` returned)."""
+        with a cache `kv`, the new keys and values are written at `start:start+T` and all `start+T` returned; with
+        `start` a device tensor (a static step), the whole buffers are returned)."""
         B, T, _ = q.shape
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = self.rope(self.q_norm(q), pos), self.rope(self.k_norm(k), pos)
+        if kv is not None and isinstance(start, Tensor):       # a static step: write at the device position `start`
+            at = start + torch.arange(T, device=k.device)       # and return the whole buffer (a mask hides the rest)
+            kv[0].index_copy_(2, at, k.to(kv[0].dtype))
+            kv[1].index_copy_(2, at, v.to(kv[1].dtype))
+            return q, kv[0], kv[1]
         if kv is not None:
             kv[0][:, :, start:start + T], kv[1][:, :, start:start + T] = k, v
             k, v = kv[0][:, :, :start + T], kv[1][:, :, :start + T]
         return q, k, v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, mask: Tensor | None = None,
-               kv: tuple[Tensor, Tensor] | None = None, start: int = 0) -> Tensor:
+               kv: tuple[Tensor, Tensor] | None = None, start: int | Tensor = 0) -> Tensor:
         """Everything after the input projections: `q` [B, T, H d_h], `k`, `v` [B, T, H_kv d_h] -> per-head QK-norm,
         RoPE, cache write, SDPA, output projection."""
         B, T, _ = q.shape
         q, k, v = self.heads(q, k, v, pos, kv, start)
+        if mask is None and isinstance(start, Tensor):
+            raise ValueError("a static step (start a tensor) attends over the whole buffer: it needs a mask "
+                             "(KVCache.decode_mask())")
         if mask is None and start > 0 and T > 1:
             raise ValueError("a cached step of several tokens needs the mask from causal_mask(T, start)")
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,

@@ -25,7 +25,7 @@ SUITES = {
     "matmul": bench.matmul_suite, "swiglu": blocks.swiglu_suite, "petals": petals.petals_suite,
     "vectorhull": vectorhull.vectorhull_suite, "attention": attention.attention_suite,
     "routing": routing.routing_suite, "model": experiments.model_suite, "data": sources.data_suite,
-    "geometric": geometric.geometric_suite,
+    "geometric": geometric.geometric_suite, "decode": experiments.decode_suite,
 }
 
 # %% ../nbs/10_cli.ipynb #b5db66ab

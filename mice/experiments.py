@@ -20,7 +20,8 @@ from .training import TrainConfig, TrainStep, load_model, make_optimizer, parall
 
 # %% auto #0
 __all__ = ['TOKEN_CLASSES', 'tokens_to_target', 'summarize_runs', 'compare_runs', 'trained_routing_stats', 'token_classes',
-           'routing_specialisation', 'curvatures', 'geometric_training', 'model_suite']
+           'routing_specialisation', 'curvatures', 'geometric_training', 'model_suite', 'hf_llama', 'copies_into_llama',
+           'decode_suite']
 
 # %% ../nbs/09_experiments.ipynb #6f6e3516
 def _one_run(c: dict) -> dict:
@@ -300,3 +301,107 @@ def model_suite(args) -> list[Result]:
     device, dtype, env, ref = context(args)
     rows = [_train_row(n, c, args, device, dtype, env, ref) for n in args.models for c in compile_modes(args)]
     return compare([ref], ref.name) + compare(rows, rows[0].name)
+
+# %% ../nbs/09_experiments.ipynb #57114abe
+from .bench import Timing, copy_result, opt_int, opt_ints
+from .models import DenseModel, generate
+
+
+def hf_llama(model):
+    """Hugging Face `LlamaForCausalLM` of `model`'s shape on its device and dtype, with its weights copied in when
+    `model` is a plain dense one without QK-norm (Llama has none). Imports `transformers` here, not at import time."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    c, p = model.config, model.embed.weight
+    cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.mlp_hidden,
+                      num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+                      head_dim=c.head_dim, max_position_embeddings=c.max_seq_len, rope_theta=c.rope_theta,
+                      rms_norm_eps=c.norm_eps, tie_word_embeddings=c.tie_embeddings, attention_bias=False,
+                      mlp_bias=False, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    hf = LlamaForCausalLM(cfg).to(p.device, p.dtype).eval()
+    hf.generation_config.eos_token_id = None
+    if copies_into_llama(model):
+        with torch.no_grad():
+            m = hf.model
+            m.embed_tokens.weight.copy_(model.embed.weight)
+            m.norm.weight.copy_(model.norm.weight)
+            hf.lm_head.weight.copy_(model.head.weight)
+            for ours, theirs in zip(model.blocks, m.layers):
+                a, f = theirs.self_attn, theirs.mlp
+                for w, part in zip((a.q_proj, a.k_proj, a.v_proj), ours.attn.qkv.weight.split(ours.attn.qkv_sizes)):
+                    w.weight.copy_(part)
+                a.o_proj.weight.copy_(ours.attn.out.weight)
+                f.gate_proj.weight.copy_(ours.mlp.gate_up.weight[:ours.mlp.hidden])
+                f.up_proj.weight.copy_(ours.mlp.gate_up.weight[ours.mlp.hidden:])
+                f.down_proj.weight.copy_(ours.mlp.down.weight)
+                theirs.input_layernorm.weight.copy_(ours.attn_norm.weight)
+                theirs.post_attention_layernorm.weight.copy_(ours.mlp_norm.weight)
+    return hf
+
+
+def copies_into_llama(model) -> bool:
+    "Whether `model`'s weights map onto Llama's: a dense model with SwiGLU MLPs and no QK-norm."
+    return isinstance(model, DenseModel) and model.config.moe is None and not model.config.qk_norm
+
+
+def _decode_row(name: str, run, B: int, N: int, bytes_per_step: float, gbs: float, timer: dict, note: str) -> Result:
+    "A row of the decode suite: per-step time (t_N - t_0) / N from `run(n)`, a generation of n new tokens."
+    lo = 1 if name.startswith("hf") else 0
+    full = time_fn(lambda: run(N), **timer)
+    base = time_fn(lambda: run(lo), **timer).median
+    step = Timing.of([max(t - base, 1e-6) / (N - lo) for t in full.samples])
+    floor = bytes_per_step / gbs / 1e6
+    return Result(name, B, nbytes=bytes_per_step, fwd=step,
+                  note=f"B={B} {note}; floor {floor:.3f} ms/step = {B / floor * 1e3:,.0f} tok/s")
+
+
+def decode_suite(args) -> list[Result]:
+    """Decode tokens/s of `generate` (sliced path, static step eager, static step compiled on CUDA) and of Hugging
+    Face's Llama with a static cache, per batch size, against the floor: the bytes a step reads over the copy rate."""
+    cuda = args.device == "cuda"
+    P, N = opt_int(args, "prompt", 1024 if cuda else 32), opt_int(args, "new", 128 if cuda else 8)
+    batches, qk_norm = opt_ints(args, "batches", [1, 32] if cuda else [1, 2]), opt_int(args, "qk_norm", 0)
+    with_hf = opt_int(args, "hf", 1)
+    for key, v in (("prompt", P), *(("batches", b) for b in batches)): check_int(f"--opt {key}", v)
+    check_int("--opt new", N, low=2)
+    for key, v in (("qk_norm", qk_norm), ("hf", with_hf)): check_int(f"--opt {key}", v, low=0, high=1)
+    name, preset = args.models[0], args.preset or ("base" if cuda else "tiny")
+    if name not in MODELS: raise ValueError(f"--models: unknown model {name!r}; expected one of: {', '.join(MODELS)}")
+    if preset not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {preset!r}; expected one of: {', '.join(PRESETS)}")
+    device, dtype, env, _ = context(args)
+    torch.manual_seed(0)
+    model = build_model(name, preset, qk_norm=bool(qk_norm),
+                        max_seq_len=P + N).to(device, dtype).eval()
+    c, size = model.config, torch.finfo(dtype).bits // 8
+    copy = replace(copy_result(device, warmup=args.warmup, repeat=args.repeat), env=env)
+    timer = dict(warmup=args.warmup, repeat=args.repeat, device=device)
+    hf = hf_llama(model) if with_hf else None
+    check = ""
+    if hf is not None: check = f"; transformers {__import__('transformers').__version__}, Llama's own random weights"
+    if hf is not None and copies_into_llama(model):
+        ids = torch.randint(c.vocab_size, (2, min(P, 64)), device=device)
+        with torch.no_grad(): err = (hf(ids).logits.float() - model(ids).float()).abs().max().item()
+        check = check.replace("Llama's own random weights", f"weights copied, logits agree to {err:.1e}")
+    rows = compare([copy], copy.name)
+    for B in batches:
+        prompts = torch.randint(c.vocab_size, (B, P), generator=torch.Generator().manual_seed(B)).to(device)
+        kv = 2 * c.n_layers * B * c.n_kv_heads * c.head_dim * (P + (N + 1) / 2)
+        nbytes, note = size * (model.num_params() + kv), f"P={P} N={N} {name} {preset}, qk_norm={qk_norm}"
+        paths = {"sliced (static=False)": dict(static=False), "static eager": dict(static=True)}
+        if cuda: paths["static compiled (CUDA graphs)"] = dict(compile=True)
+        if not model.static_decode: paths = {k: v for k, v in paths.items() if v.get("static") is False}
+        group = [_decode_row(f"{label} B={B}", lambda n, kw=kw: generate(model, prompts, n, temperature=0, **kw),
+                             B, N, nbytes, copy.gbs, timer, note) for label, kw in paths.items()]
+        if hf is not None:
+            mask = torch.ones_like(prompts)
+            def hf_run(n):
+                with torch.no_grad():
+                    return hf.generate(prompts, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                                       cache_implementation="static")
+            group.append(_decode_row(f"hf llama static cache B={B}", hf_run, B, N, nbytes, copy.gbs, timer,
+                                     note + check))
+        rows += compare(group, group[-1].name if hf is not None else group[0].name)
+    return rows
+
+
+decode_suite.opts = ("prompt", "new", "batches", "qk_norm", "hf")   # the --opt keys it reads

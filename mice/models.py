@@ -23,8 +23,8 @@ __all__ = ['FAMILIES', 'MODELS', 'FIXED', 'PRESETS', 'EUCLIDEAN', 'ConvexFFNKind
            'Decoder', 'DenseConfig', 'topk_experts', 'DenseBlock', 'DenseModel', 'DeepConfig', 'DeepState',
            'deep_attention', 'deep_mlp', 'DeepBlock', 'DeepModel', 'Family', 'Size', 'register_family', 'family_of',
            'register_model', 'model_config', 'build_model', 'matched_hidden', 'from_flat_config', 'MGMConfig',
-           'mgm_mlp', 'MGMBlock', 'MGMModel', 'check_generation', 'prompt_lists', 'generate', 'ConvexConfig',
-           'ConvexFFN', 'ConvexBlock', 'ConvexModel']
+           'mgm_mlp', 'MGMBlock', 'MGMModel', 'sampling_probs', 'next_tokens', 'check_generation', 'prompt_lists',
+           'decode_path', 'generate', 'ConvexConfig', 'ConvexFFN', 'ConvexBlock', 'ConvexModel']
 
 # %% ../nbs/08_full_models.ipynb #5df49004
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class Step:
     "What every block of one forward pass shares: positions, mask, cache offset, the input ids and the KV cache."
     pos: Tensor
     mask: Tensor | None
-    start: int
+    start: int | Tensor
     token_ids: Tensor
     cache: KVCache | None = None
 
@@ -537,6 +537,48 @@ register_model("mgm_nomem", MGMConfig(experts=GeometricConfig(), memory=MemoryCo
 register_model("dense_mem", MGMConfig(memory=MemoryConfig()))
 register_model("dense_window", MGMConfig(memory=MemoryConfig(slots=0)), fixed=("memory.slots",))
 
+# %% ../nbs/08_full_models.ipynb #4dcaca19
+def _decode_step(self, tok: Tensor, cache: KVCache) -> Tensor:
+    """Logits [B, vocab] of one new token per row, `tok` [B, 1], written at the cache's device position `cache.at`
+    (rows at positions `cache.pos`); advances both in place. Shapes are fixed by the cache and no value goes to the
+    host, so the step compiles once and replays as a CUDA graph. Call `cache.begin_decode()` after the prefill."""
+    if not self.static_decode:
+        raise ValueError(f"decode_step: {type(self).__name__} keeps a working memory that grows every step; "
+                         "decode it with forward(tokens, cache)")
+    step = Step(cache.pos[:, None], cache.decode_mask(), cache.at, tok, cache)
+    x, state = self.embed(tok), self.initial_state(tok)
+    for block in self.blocks: x, state = block(x, step, state)
+    cache.at.add_(1)
+    cache.pos.add_(1)
+    return self.head(self.norm(x))[:, -1]
+
+
+def _static_decode(self) -> bool:
+    "Whether `decode_step` is exact here: yes unless a block keeps a working memory (its open segment grows per step)."
+    return not any(isinstance(m, MemoryAttention) for m in self.modules())
+
+
+Decoder.decode_step, Decoder.static_decode = _decode_step, property(_static_decode)
+
+
+def sampling_probs(logits: Tensor, temperature: float, top_k: int | None = None) -> Tensor:
+    "The softmax of the top-`k` logits [B, vocab] over `temperature` > 0 (float32), the others at probability 0."
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    return logits.softmax(-1)
+
+
+def next_tokens(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Next tokens [B, 1] from `logits` [B, vocab]: greedy at `temperature=0`, else a draw from `sampling_probs`,
+    by `torch.multinomial`'s own one-sample path (argmax of p / q with q ~ Exp(1) from `generator`): the same tokens
+    and generator state as `torch.multinomial(p, 1)`, without its host-side check of p."""
+    if temperature == 0: return logits.argmax(-1, keepdim=True)
+    p = sampling_probs(logits, temperature, top_k)
+    return (p / torch.empty_like(p).exponential_(1, generator=generator)).argmax(-1, keepdim=True)
+
 # %% ../nbs/08_full_models.ipynb #bba1b816
 from numbers import Integral
 from .utils import check_number
@@ -577,14 +619,51 @@ def prompt_lists(prompts, attention_mask: Tensor | None = None) -> list[list[int
                     + (f" of {type(prompts[0]).__name__}" if isinstance(prompts, (list, tuple)) and prompts else ""))
 
 
+def decode_path(model: Decoder, static: bool | None = None, compile: bool | dict = False) -> bool:
+    "Whether `generate` takes the static step: `static` (None: where it is exact), checked against the model."
+    if static is not None and not isinstance(static, bool):
+        raise TypeError(f"static: expected None, True or False, got {static!r}")
+    if not isinstance(compile, (bool, dict)):
+        raise TypeError(f"compile: expected a bool or a dict of torch.compile options, got {type(compile).__name__}")
+    if static and not model.static_decode:
+        raise ValueError(f"static: {type(model).__name__} keeps a working memory whose open segment grows every step; "
+                         "it decodes on the sliced path only (static=None or False)")
+    static = model.static_decode if static is None else static
+    if compile and not static: raise ValueError("compile: compiles the static step; it needs static=None or True")
+    return static
+
+
+def _static_cache(model: Decoder, batch: int, max_len: int, compile: bool | dict):
+    """A cache for the static step and the step to call: `model.decode_step`, or its compiled version (CUDA graphs on
+    CUDA), kept with its cache on the model for the next call of the same shape (so that it compiles once)."""
+    if not compile: return model.new_cache(batch, max_len), model.decode_step
+    p = model.embed.weight
+    key = (batch, max_len, p.device, p.dtype, repr(compile))
+    kept = model.__dict__.get("_static_decoding")
+    if kept is not None and kept[0] == key:
+        kept[1].reset()
+        return kept[1], kept[2]
+    cache = model.new_cache(batch, max_len)
+    cache.mark_static()
+    opts = compile if isinstance(compile, dict) else \
+        dict(mode="reduce-overhead" if p.device.type == "cuda" else None, dynamic=False)
+    step = torch.compile(model.decode_step, **opts)
+    model.__dict__["_static_decoding"] = (key, cache, step)
+    return cache, step
+
+
 @torch.no_grad()
 def generate(model: Decoder, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             seed: int | None = None, attention_mask: Tensor | None = None):
+             seed: int | None = None, attention_mask: Tensor | None = None, static: bool | None = None,
+             compile: bool | dict = False):
     """Continue each prompt by `max_new_tokens` sampled tokens, using a KV cache. `prompts`: one list of token ids
     (returns one list), a list of them (returns a list of lists), or an integer tensor [batch, T] whose real tokens
-    `attention_mask` marks (returns a tensor [batch, T + max_new_tokens]: the prompts as given, then the new tokens)."""
+    `attention_mask` marks (returns a tensor [batch, T + max_new_tokens]: the prompts as given, then the new tokens).
+    `static`: decode with the static step (`Decoder.decode_step`; None: wherever it is exact, False: the sliced
+    path); `compile`: compile that step (True: CUDA graphs on CUDA, or a dict of `torch.compile` options)."""
     rows = prompt_lists(prompts, attention_mask)
     check_generation(max_new_tokens, temperature, top_k, seed)
+    static = decode_path(model, static, compile) and max_new_tokens > 0     # no step: the prefill alone
     if not rows or any(len(p) == 0 for p in rows): raise ValueError("prompts: every prompt needs a token (non-empty)")
     V = model.config.vocab_size
     if bad := [t for p in rows for t in p if not 0 <= t < V]:
@@ -599,17 +678,18 @@ def generate(model: Decoder, prompts, max_new_tokens: int, temperature: float = 
     for i, p in enumerate(rows): idx[i, T - len(p):], valid[i, T - len(p):] = torch.tensor(p), True
     idx, valid = idx.to(device), valid.to(device)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = model.new_cache(B, T + max_new_tokens)
+    if static: cache, step = _static_cache(model, B, T + max_new_tokens, compile)
+    else: cache = model.new_cache(B, T + max_new_tokens)
     logits = model(idx, cache, None if valid.all() else valid)[:, -1]
     out = []
-    for _ in range(max_new_tokens):
+    if static: cache.begin_decode()
+    for _ in range(max_new_tokens if static else 0):
+        out.append(next_tokens(logits, temperature, top_k, gen))
+        if compile: torch.compiler.cudagraph_mark_step_begin()
+        logits = step(out[-1], cache)
+    for _ in range(0 if static else max_new_tokens):
         if temperature == 0: nxt = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits.float() / temperature
-            if top_k is not None:
-                kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, -float("inf"))
-            nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)
+        else: nxt = torch.multinomial(sampling_probs(logits, temperature, top_k), 1, generator=gen)
         out.append(nxt)
         logits = model(nxt, cache)[:, -1]
     new = torch.cat(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=device)

@@ -114,6 +114,9 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     (["bench", "model", "--preset", "huge"], "--preset: unknown preset 'huge'"),
     (["bench", "matmul", "--opt", "foo=1"], "suite 'matmul' reads no option 'foo'; it takes none"),
     (["bench", "petals", "--opt", "petal=2"], "suite 'petals' reads no option 'petal'; its options: petals, depth"),
+    (["bench", "decode", "--device", "cpu", "--opt", "new=1"], "--opt new: expected an integer >= 2, got 1"),
+    (["bench", "decode", "--device", "cpu", "--opt", "qk_norm=2"], "--opt qk_norm: expected an integer in [0, 1]"),
+    (["bench", "decode", "--opt", "prompts=3"], "suite 'decode' reads no option 'prompts'; its options: prompt, new"),
 ])
 def test_bad_arguments_give_one_clear_line(args, message):
     r = mice(*args)

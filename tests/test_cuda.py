@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mice.models import DenseConfig, DenseModel, generate
+from mice.models import DenseConfig, DenseModel, generate, next_tokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -54,3 +54,27 @@ def test_generate_on_gpu_matches_cpu_greedy():
     gpu = generate(model, prompts, 6, temperature=0)
     cpu = generate(model.cpu(), prompts, 6, temperature=0)
     assert gpu == cpu
+
+
+def test_static_decode_step_has_no_host_sync():
+    "After the prefill, the static step and the sampling run with no host sync (sync debug mode raises on one)."
+    model = _model()
+    prompts = torch.randint(0, 257, (3, 20), device="cuda")
+    cache = model.new_cache(3, 30)
+    with torch.no_grad():
+        logits = model(prompts, cache)[:, -1]
+        cache.begin_decode()
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(5): logits = model.decode_step(next_tokens(logits, 0.8, 10, gen), cache)
+        finally: torch.cuda.set_sync_debug_mode("default")
+
+
+def test_static_decode_compiled_with_cuda_graphs_matches_sliced():
+    "fp32 (near-ties in bf16 could flip a greedy token between two correct kernels); the second call replays."
+    model = _model().eval()
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    want = generate(model, prompts, 16, temperature=0, static=False)
+    for _ in range(2): assert generate(model, prompts, 16, temperature=0, compile=True) == want

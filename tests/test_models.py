@@ -147,3 +147,45 @@ def test_generate_says_what_it_expects(prompts, kw, error, message):
     m = DenseModel(DenseConfig(vocab_size=61, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=64)).eval()
     with pytest.raises(error) as e: generate(m, prompts, **{"max_new_tokens": 3, **kw})
     assert message in str(e.value), str(e.value)
+
+
+def _small(name):
+    torch.manual_seed(0)
+    return build_model(name, None, vocab_size=4096, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32).eval()
+
+
+@pytest.mark.parametrize("name", sorted(__import__("mice.models", fromlist=["MODELS"]).MODELS))
+def test_static_step_gives_the_sliced_paths_tokens(name):
+    "Every registered model: the default path (the static step where exact) gives the sliced path's tokens, in fp32."
+    m = _small(name)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [9, 8, 7, 6]] if m.static_decode else [[1, 2, 3]]
+    for kw in (dict(temperature=0), dict(seed=3), dict(temperature=0.7, top_k=5, seed=4)):
+        assert generate(m, prompts, 8, **kw) == generate(m, prompts, 8, static=False, **kw)
+    if not m.static_decode:
+        with pytest.raises(ValueError, match="static: .* keeps a working memory"):
+            generate(m, prompts, 2, static=True)
+
+
+def test_static_step_compiles_once():
+    "With `fullgraph=True, dynamic=False`, two generations of one shape (20 steps) trace the static step once."
+    import torch._dynamo
+    graphs = []
+    def counting(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    m = _small("dense")
+    opts = dict(backend=counting, fullgraph=True, dynamic=False)
+    for p in ([[5, 6, 7, 8], [3, 4, 0, 0]], [[1, 2, 3, 4], [9, 9, 8, 8]]):
+        assert generate(m, p, 10, seed=0, compile=opts) == generate(m, p, 10, seed=0, static=False)
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+
+
+def test_next_tokens_is_multinomials_draw():
+    from mice.models import next_tokens
+    for s in range(5):
+        logits = torch.randn(3, 100) * 3
+        g1, g2 = torch.Generator().manual_seed(s), torch.Generator().manual_seed(s)
+        assert torch.equal(next_tokens(logits, 1.0, None, g1), torch.multinomial(logits.softmax(-1), 1, generator=g2))
+        assert torch.equal(g1.get_state(), g2.get_state())
