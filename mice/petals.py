@@ -216,7 +216,7 @@ def layout_of(v: Tensor) -> tuple:
 def empty_with_layout(layout: tuple, like: Tensor) -> Tensor:
     """A fresh tensor (dtype and device of `like`) with the shape, strides and offset of `layout` in a new storage as
     large as the original's: the gradient of a strided view, laid out so that the producer of the view can take the
-    whole storage as its own gradient buffer without a copy (`_grad_buffer`)."""
+    whole storage as its own gradient buffer without a copy."""
     shape, stride, offset, n = layout
     return like.new_empty(n).as_strided(shape, stride, offset)
 
