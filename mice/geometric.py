@@ -64,6 +64,12 @@ def _per_row(table: Tensor, e: Tensor) -> Tensor:
     return (hot @ table.reshape(table.shape[0], -1)).view(e.shape[0], *table.shape[1:])
 
 
+def _radial(v: Tensor, c, f) -> Tensor:
+    "`f(sqrt(c)|v|) / (sqrt(c)|v|) v`: the shape of every exp0 and log0 of the ball and the projected sphere."
+    r = _curv(c, v).sqrt() * _norm(v)
+    return f(r) / r * v
+
+
 def _curv(c, x: Tensor, name: str = "c", positive: bool = True) -> Tensor:
     """Curvature `c` (a number, or a tensor broadcastable to `x[..., :1]`) as a tensor of `x`'s dtype and device; a
     ValueError naming `name` if `positive` and some `c <= 0` (tensor values checked where that is free: on the CPU)."""
@@ -77,16 +83,14 @@ def _curv(c, x: Tensor, name: str = "c", positive: bool = True) -> Tensor:
 @manifold_op
 def poincare_exp0(v: Tensor, c) -> Tensor:
     "Exponential map at the origin of the Poincare ball of curvature -c: `tanh(sqrt(c)|v|) v / (sqrt(c)|v|)`."
-    sc, n = _curv(c, v).sqrt(), _norm(v)
-    return torch.tanh(sc * n) / (sc * n) * v
+    return _radial(v, c, torch.tanh)
 
 
 @manifold_op
 def poincare_log0(y: Tensor, c) -> Tensor:
     """Logarithmic map at the origin: `artanh(sqrt(c)|y|) y / (sqrt(c)|y|)`; a point at or past the boundary is read
     as the point `ball_eps` inside it (finite, never inf)."""
-    sc, n = _curv(c, y).sqrt(), _norm(y)
-    return torch.atanh((sc * n).clamp_max(1 - ball_eps(torch.float32))) / (sc * n) * y
+    return _radial(y, c, lambda r: torch.atanh(r.clamp_max(1 - ball_eps(torch.float32))))
 
 
 def poincare_project(y: Tensor, c) -> Tensor:
@@ -126,15 +130,13 @@ def poincare_fc(x: Tensor, z: Tensor, r: Tensor, c) -> Tensor:
 def sphere_exp0(v: Tensor, c) -> Tensor:
     """Exponential map at the origin of the stereographic projection of the sphere of curvature +c:
     `tan(sqrt(c)|v|) v / (sqrt(c)|v|)` (for `sqrt(c)|v| < pi/2`; at pi/2 it reaches the antipode, at infinity)."""
-    sc, n = _curv(c, v).sqrt(), _norm(v)
-    return torch.tan(sc * n) / (sc * n) * v
+    return _radial(v, c, torch.tan)
 
 
 @manifold_op
 def sphere_log0(y: Tensor, c) -> Tensor:
     "Logarithmic map at the origin of the projected sphere: `arctan(sqrt(c)|y|) y / (sqrt(c)|y|)` (finite everywhere)."
-    sc, n = _curv(c, y).sqrt(), _norm(y)
-    return torch.atan(sc * n) / (sc * n) * y
+    return _radial(y, c, torch.atan)
 
 # %% ../nbs/05_geometric_experts.ipynb #93f459c3
 @manifold_op
@@ -765,14 +767,7 @@ class GeometricMoE(nn.Module):
                 "clipped": {m: None if g.clipped is None else float(g.clipped) for m, g in self.experts.groups.items()},
                 "bias": None if self.expert_bias is None else self.expert_bias.cpu().tolist()}
 
-    def flops_per_token(self) -> int:
-        "Forward FLOPs per token: router, k experts (mean over the types), shared expert."
-        shared = self.shared.flops_per_token() if self.shared is not None else 0
-        return 2 * self.dim * self.n_experts + self.k * self.experts.flops_per_token() + shared
-
-    def active_params(self) -> int:
-        "Parameters one token uses: one multiply-add per weight, `flops_per_token() // 2`."
-        return self.flops_per_token() // 2
+    flops_per_token, active_params = TopKMoE.flops_per_token, TopKMoE.active_params   # router, k experts, shared
 
 # %% ../nbs/05_geometric_experts.ipynb #4297e908
 def ball_boundary(dim: int = 1024, rms=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0), curvature: float = 2.0,

@@ -679,19 +679,14 @@ def generate(model: Decoder, prompts, max_new_tokens: int, temperature: float = 
     idx, valid = idx.to(device), valid.to(device)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     if static: cache, step = _static_cache(model, B, T + max_new_tokens, compile)
-    else: cache = model.new_cache(B, T + max_new_tokens)
+    else: cache, step = model.new_cache(B, T + max_new_tokens), lambda tok, c: model(tok, c)[:, -1]   # sliced
     logits = model(idx, cache, None if valid.all() else valid)[:, -1]
-    out = []
     if static: cache.begin_decode()
-    for _ in range(max_new_tokens if static else 0):
+    out = []
+    for _ in range(max_new_tokens):
         out.append(next_tokens(logits, temperature, top_k, gen))
         if compile: torch.compiler.cudagraph_mark_step_begin()
         logits = step(out[-1], cache)
-    for _ in range(0 if static else max_new_tokens):
-        if temperature == 0: nxt = logits.argmax(-1, keepdim=True)
-        else: nxt = torch.multinomial(sampling_probs(logits, temperature, top_k), 1, generator=gen)
-        out.append(nxt)
-        logits = model(nxt, cache)[:, -1]
     new = torch.cat(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=device)
     if isinstance(prompts, Tensor): return torch.cat([prompts.to(device), new.to(prompts.dtype)], 1)
     full = [p + n for p, n in zip(rows, new.tolist())]

@@ -259,15 +259,14 @@ class MixedLoader:
     "Batches `(x, y)` int64 [B, T] of shuffled windows of several sources mixed by weight; resumable (`state_dict`)."
     def __init__(self, mix: dict, batch_size: int, seq_len: int, seed: int = 0, split: str = "train",
                  ids: dict | None = None):
-        self.weights = check_mix(mix)
+        weights = check_mix(mix)
         self.B, self.T = check_int("batch_size", batch_size), check_int("seq_len", seq_len)
-        self.seed, self.names = int(seed), list(self.weights)
+        self.seed, self.names = int(seed), list(weights)
         self.ids = {n: np.asarray(ids[n] if ids is not None else source_ids(n, split)) for n in self.names}
         for n, a in self.ids.items():
             if len(a) < seq_len + 2: raise ValueError(f"data: source {n!r} has {len(a)} tokens, fewer than seq_len + 2")
-        p = np.array([self.weights[n] for n in self.names])
-        self.p, self._ar, self._epochs = p / p.sum(), np.arange(seq_len + 1), {}
-        self.rows = np.zeros(len(self.names), dtype=np.int64)
+        self._ar, self._epochs, self.weights = np.arange(seq_len + 1), {}, {}
+        self.set_mix(weights)                                   # the weights, their shares `p`, the row counts
         self.epoch, self.index = dict.fromkeys(self.names, 0), dict.fromkeys(self.names, 0)
 
     def set_mix(self, mix: dict) -> bool:
