@@ -20,6 +20,18 @@ def mice(*args, launcher=(), timeout=600):
                           timeout=timeout, env=ENV)
 
 
+def in_process(config, stop_at):
+    "Train in this process up to `stop_at`, with the thread count of the `mice` subprocesses (`ENV`): the sums of a"
+    " CPU kernel may run in another order with another number of threads, and a resume is compared bit for bit."
+    from mice.training import train
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(ENV["OMP_NUM_THREADS"]))
+    try:
+        train(config, stop_at=stop_at, progress=False, log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def torchrun(n):
     return [bin_path("torchrun"), "--standalone", "--nproc_per_node", str(n)]
 
@@ -66,11 +78,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, one_proces
 def test_fsdp_resumes_a_one_process_checkpoint(tmp_path, one_process, stage_file):
     "Checkpoints have one layout: a run stopped at step 3 in one process continues sharded on two, in stage 2."
     from mice.cli import parser, train_config
-    from mice.training import train
     ref, _ = one_process
     args = ["--config", str(stage_file), "--eval-every", "2", "--out-dir", str(tmp_path), *SMALL]
-    train(train_config(parser().parse_args(["train", "--batch-size", "8", *args])), stop_at=3, progress=False,
-          log=lambda *a: None)
+    in_process(train_config(parser().parse_args(["train", "--batch-size", "8", *args])), stop_at=3)
     assert load_checkpoint(tmp_path / "checkpoint.safetensors").meta["stage"]["name"] == "all"
     r = mice("train", "--batch-size", "4", "--parallel", "fsdp", "--resume", *args, launcher=torchrun(2))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -110,7 +120,6 @@ def test_stage_file_with_a_data_mix_per_stage_trains_and_resumes(tmp_path):
     " stopped at a stage boundary and resumed with `--resume`, the run reaches the weights of the run that never"
     " stopped; a stage file with another mix is refused on resume, in one line."
     from mice.cli import parser, train_config
-    from mice.training import train
     stages, other = tmp_path / "stages.toml", tmp_path / "other.toml"
     stages.write_text(MIXED_STAGES)
     other.write_text(MIXED_STAGES.replace("plays = 1 }", "plays = 1, bible = 1 }"))
@@ -125,8 +134,8 @@ def test_stage_file_with_a_data_mix_per_stage_trains_and_resumes(tmp_path):
     last = [line for line in r.stdout.splitlines() if line.startswith("step     6")][0]
     assert all(f"  {s} " in last for s in ("plays", "bible", "cot", "reasoning")), last
     part = tmp_path / "part"
-    train(train_config(parser().parse_args(["train", "--config", str(stages), *args, "--out-dir", str(part)])),
-          stop_at=2, progress=False, log=lambda *a: None)
+    in_process(train_config(parser().parse_args(["train", "--config", str(stages), *args, "--out-dir", str(part)])),
+               stop_at=2)
     r = mice("train", "--config", other, *args, "--out-dir", part, "--resume")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "other settings: --stages=" in r.stderr, r.stderr
     assert "'data': {'bible': 1, 'plays': 1}" in r.stderr.split("→")[1], r.stderr
