@@ -325,8 +325,9 @@ def v013_forward(sd, c, idx):
         a = (s.softmax(-1) @ vv.repeat_interleave(nh // nkv, 1)).transpose(1, 2).reshape(B, T, H)
         a = a @ W[p + "self_attn.o_proj.weight"].T
         v = torch.zeros_like(a) if v is None else v
-        z = F.silu(torch.cat([a, v], -1) @ W[p + "dynamics.controller_in.weight"].T + W[p + "dynamics.controller_in.bias"])
-        z = z @ W[p + "dynamics.controller_out.weight"].T + W[p + "dynamics.controller_out.bias"]
+        ctl_in, ctl_out = p + "dynamics.controller_in.", p + "dynamics.controller_out."
+        z = F.silu(torch.cat([a, v], -1) @ W[ctl_in + "weight"].T + W[ctl_in + "bias"])
+        z = z @ W[ctl_out + "weight"].T + W[ctl_out + "bias"]
         alpha, beta, gate = z[..., :H].sigmoid(), F.softplus(z[..., H:2 * H]).clamp(max=2.0), z[..., 2 * H:].sigmoid()
         mu = W[p + "dynamics.mu"] + a @ W[p + "dynamics.mu_proj.weight"].T
         v = (alpha * v - beta * (a - mu)).clamp(-10.0, 10.0)
@@ -384,3 +385,31 @@ def test_v013_1p5b_parameter_count():
         m = build_model("deep_legacy", "1.5b", vocab_size=32000, max_seq_len=2048, experts=dict(expert_hidden=1408))
     print(f"deep_legacy 1.5b: {m.num_params():,} parameters")
     assert m.num_params() == 1_516_217_856
+
+
+def test_deep_config_holds_only_what_the_model_reads():
+    """Every field of the `deep` model's config (and of its mechanism configs) is read while the model is built, run
+    and given a cache: the config holds no option that does nothing."""
+    from dataclasses import fields, is_dataclass
+    from mice.models import DeepModel, model_config
+    config = model_config("deep", None, **V013)
+    tracked = {id(config): ""}
+    for f in fields(config):
+        sub = getattr(config, f.name)
+        if is_dataclass(sub): tracked[id(sub)] = f.name + "."
+    classes = {type(config)} | {type(getattr(config, n.rstrip("."))) for n in tracked.values() if n}
+    read = set()
+    def recording(self, name):
+        if id(self) in tracked and name in {f.name for f in fields(type(self))}: read.add(tracked[id(self)] + name)
+        return object.__getattribute__(self, name)
+    for cls in classes: cls.__getattribute__ = recording
+    try:
+        model = DeepModel(config)
+        idx = torch.randint(0, 97, (2, 8))
+        model(idx)
+        model(idx, model.new_cache(2, 8))
+    finally:
+        for cls in classes: del cls.__getattribute__
+    held = {prefix + f.name for obj_id, prefix in tracked.items() for f in fields(
+        config if not prefix else getattr(config, prefix.rstrip(".")))}
+    assert held - read == set(), f"fields of the deep config that nothing reads: {sorted(held - read)}"
