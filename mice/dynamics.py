@@ -15,7 +15,7 @@ from torch import Tensor
 from .utils import check_choice, check_int, check_number, check_tensor
 
 # %% auto #0
-__all__ = ['Bounds', 'ContextualMu', 'INLDynamics', 'LegacyINLDynamics', 'INLConfig', 'mu_highway']
+__all__ = ['Bounds', 'InitialV', 'ContextualMu', 'INLDynamics', 'LegacyINLDynamics', 'INLConfig', 'mu_highway']
 
 # %% ../nbs/04_inl_dynamics.ipynb #30c15913
 class ContextualMu(nn.Module):
@@ -39,47 +39,62 @@ class ContextualMu(nn.Module):
 
 # %% ../nbs/04_inl_dynamics.ipynb #bb07b71f
 Bounds = Literal["smooth", "clamp"]
+InitialV = Literal["none", "zero"]
 
 
 class INLDynamics(nn.Module):
     """Gated second-order update of an attention output `h` with velocity `v` carried across layers:
-    `v' = bound(alpha v - beta (h - mu_ctx))`, `h' = h + dt gate v'`. Returns `(h', v', mu_ctx)`."""
+    `v' = bound(alpha v - beta (h - mu_ctx))`, `h' = h + dt gate v'`. Returns `(h', v', mu_ctx)`. `first_layer=True`
+    takes no velocity; its `initial_v` is "none" (a controller that reads h alone and makes no alpha) or "zero" (the
+    full controller reading v = 0: v0.13.0's layout, whose velocity columns and alpha rows never get a gradient)."""
     context_std = 0.0           # the init std of the contextual mu's W_mu (`LegacyINLDynamics`: the source's 0.02)
 
     def __init__(self, dim: int, controller_hidden: int = 64, dt: float = 0.1, alpha: float = 0.9, beta: float = 0.1,
-                 gate: float = 0.5, beta_max: float = 2.0, v_max: float = 10.0, bounds: Bounds = "smooth"):
+                 gate: float = 0.5, beta_max: float = 2.0, v_max: float = 10.0, bounds: Bounds = "smooth", *,
+                 first_layer: bool = False, initial_v: InitialV = "none"):
         super().__init__()
         check_choice("bounds", bounds, typing.get_args(Bounds))
+        check_choice("first_layer", first_layer, (False, True))
+        check_choice("initial_v", initial_v, typing.get_args(InitialV))
         check_int("dim", dim)
         check_int("controller_hidden", controller_hidden)
         for name, val in dict(dt=dt, beta_max=beta_max, v_max=v_max).items(): check_number(name, val, gt=0)
         for name, val in dict(alpha=alpha, gate=gate).items(): check_number(f"{name} (initial value)", val, gt=0, lt=1)
         check_number(f"beta (initial value; beta_max={beta_max})", beta, gt=0, lt=beta_max)
         self.dim, self.dt, self.beta_max, self.v_max, self.bounds = dim, dt, beta_max, v_max, bounds
+        self.first_layer, self.initial_v = first_layer, initial_v if first_layer else None
+        self.reads_v = self.initial_v != "none"       # a controller with velocity inputs and alpha outputs
         self.targets = dict(alpha=alpha, beta=beta, gate=gate)
-        self.controller_in = nn.Linear(2 * dim, controller_hidden)
-        self.controller_out = nn.Linear(controller_hidden, 3 * dim)
+        self.controller_in = nn.Linear((2 if self.reads_v else 1) * dim, controller_hidden)
+        self.controller_out = nn.Linear(controller_hidden, (3 if self.reads_v else 2) * dim)
         self.context = ContextualMu(dim, self.context_std)
         self.init_weights()
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, bounds={self.bounds!r}, first_layer={self.first_layer}, initial_v={self.initial_v!r}"
 
     def init_weights(self):
         "Controller weights ~ N(0, 0.02^2), biases at the initial targets. A model calls this after its global init."
         for lin in (self.controller_in, self.controller_out): nn.init.normal_(lin.weight, std=0.02)
         nn.init.zeros_(self.controller_in.bias)
-        b = self.controller_out.bias.data.view(3, self.dim)
-        t = self.targets
-        b[0] = math.log(t["alpha"] / (1 - t["alpha"]))
-        if self.bounds == "smooth": b[1] = math.log(t["beta"] / (self.beta_max - t["beta"]))
-        else: b[1] = math.log(math.expm1(t["beta"]))
-        b[2] = math.log(t["gate"] / (1 - t["gate"]))
+        t, b = self.targets, self.controller_out.bias.data.view(-1, self.dim)
+        if self.reads_v: b[0] = math.log(t["alpha"] / (1 - t["alpha"]))
+        if self.bounds == "smooth": b[-2] = math.log(t["beta"] / (self.beta_max - t["beta"]))
+        else: b[-2] = math.log(math.expm1(t["beta"]))
+        b[-1] = math.log(t["gate"] / (1 - t["gate"]))
 
-    def coefficients(self, h: Tensor, v: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        "`(alpha, beta, gate)`, each shaped like `h`; `v=None` means a zero velocity (layer 0)."
-        if v is None: v = torch.zeros_like(h)
-        c_a, c_b, c_g = self.controller_out(F.silu(self.controller_in(torch.cat([h, v], -1)))).chunk(3, -1)
+    def coefficients(self, h: Tensor, v: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor]:
+        """`(alpha, beta, gate)`, each shaped like `h`; `v=None` means a zero velocity (layer 0). A first layer with
+        `initial_v="none"` reads h alone and has no alpha (None)."""
+        if v is not None and self.first_layer:
+            raise ValueError("v: a first layer (first_layer=True) takes no velocity; got a tensor")
+        if self.reads_v: hv = torch.cat([h, torch.zeros_like(h) if v is None else v], -1)
+        else: hv = h
+        c = self.controller_out(F.silu(self.controller_in(hv))).chunk(3 if self.reads_v else 2, -1)
+        c_b, c_g = c[-2:]
         if self.bounds == "smooth": beta = self.beta_max * torch.sigmoid(c_b)
         else: beta = F.softplus(c_b).clamp(max=self.beta_max)
-        return torch.sigmoid(c_a), beta, torch.sigmoid(c_g)
+        return (torch.sigmoid(c[0]) if self.reads_v else None), beta, torch.sigmoid(c_g)
 
     def forward(self, h: Tensor, v: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         check_tensor("h", h, self.dim, finite=False)
@@ -91,9 +106,8 @@ class INLDynamics(nn.Module):
         return h + self.dt * gate * v, v, mu
 
     def flops_per_token(self) -> int:
-        "Forward matmul FLOPs per token: controller (2H->k->3H) and W_mu (H->H)."
-        k = self.controller_in.out_features
-        return 2 * (2 * self.dim * k + k * 3 * self.dim + self.dim * self.dim)
+        "Forward matmul FLOPs per token: controller (2H->k->3H; H->k->2H at a first layer without v) and W_mu (H->H)."
+        return 2 * (self.controller_in.weight.numel() + self.controller_out.weight.numel() + self.dim * self.dim)
 
 # %% ../nbs/04_inl_dynamics.ipynb #a2a28902
 class LegacyINLDynamics(INLDynamics):
@@ -113,15 +127,18 @@ class LegacyINLDynamics(INLDynamics):
 # %% ../nbs/04_inl_dynamics.ipynb #96cbde80
 @dataclass(frozen=True)
 class INLConfig:
-    "The model-level options of INL (`INLDynamics`' keyword arguments): the controller width, the step, the bounds."
+    """The model-level options of INL (`INLDynamics`' keyword arguments): the controller width, the step, the bounds,
+    and layer 0's controller (`initial_v`: "none", without the inputs and outputs a zero velocity leaves dead)."""
     controller_hidden: int = 64
     dt: float = 0.1
     bounds: Bounds = "smooth"
+    initial_v: InitialV = "none"
 
     def __post_init__(self):
         check_int("INLConfig.controller_hidden", self.controller_hidden)
         check_number("INLConfig.dt", self.dt, gt=0)
         check_choice("INLConfig.bounds", self.bounds, typing.get_args(Bounds))
+        check_choice("INLConfig.initial_v", self.initial_v, typing.get_args(InitialV))
 
 # %% ../nbs/04_inl_dynamics.ipynb #9a1fcaba
 def mu_highway(mu_cur: Tensor, total: Tensor | None, scale: float = 0.1) -> tuple[Tensor, Tensor]:

@@ -22,9 +22,10 @@ from .geometric import GeometricConfig, GeometricMoE
 __all__ = ['FAMILIES', 'MODELS', 'FIXED', 'PRESETS', 'EUCLIDEAN', 'ConvexFFNKind', 'DecoderConfig', 'Step', 'check_tokens',
            'Decoder', 'DenseConfig', 'topk_experts', 'DenseBlock', 'DenseModel', 'DeepConfig', 'DeepState',
            'deep_attention', 'deep_mlp', 'DeepBlock', 'DeepModel', 'Family', 'Size', 'register_family', 'family_of',
-           'register_model', 'model_config', 'build_model', 'matched_hidden', 'from_flat_config', 'MGMConfig',
-           'mgm_mlp', 'MGMBlock', 'MGMModel', 'sampling_probs', 'next_tokens', 'check_generation', 'prompt_lists',
-           'decode_path', 'generate', 'ConvexConfig', 'ConvexFFN', 'ConvexBlock', 'ConvexModel']
+           'register_model', 'model_config', 'build_model', 'matched_hidden', 'from_flat_config', 'v013_views',
+           'legacy_state_dict', 'load_legacy_state_dict', 'MGMConfig', 'mgm_mlp', 'MGMBlock', 'MGMModel',
+           'sampling_probs', 'next_tokens', 'check_generation', 'prompt_lists', 'decode_path', 'generate',
+           'ConvexConfig', 'ConvexFFN', 'ConvexBlock', 'ConvexModel']
 
 # %% ../nbs/08_full_models.ipynb #5df49004
 @dataclass(frozen=True)
@@ -250,7 +251,8 @@ class DeepConfig(DecoderConfig):
         value contradicts `legacy=True`."""
         if self.mu is None and self.inl is None and self.experts is None:
             raise ValueError("legacy: True selects v0.13.0's mu attention, INL and token routing; this config has none")
-        for name, option, value in (("mu", "norm", "none"), ("inl", "bounds", "clamp"), ("experts", "route", "modulo")):
+        for name, option, value in (("mu", "norm", "none"), ("inl", "bounds", "clamp"), ("inl", "initial_v", "zero"),
+                                    ("experts", "route", "modulo")):
             sub = getattr(self, name)
             if sub is not None and getattr(sub, option) == getattr(type(sub)(), option):
                 object.__setattr__(self, name, replace(sub, **{option: value}))
@@ -309,7 +311,8 @@ class DeepBlock(nn.Module):
         if c.inl is not None:
             i = c.inl
             self.dynamics = LegacyINLDynamics(c.dim, i.controller_hidden, i.dt) if c.legacy else \
-                INLDynamics(c.dim, i.controller_hidden, i.dt, bounds=i.bounds)
+                INLDynamics(c.dim, i.controller_hidden, i.dt, bounds=i.bounds, first_layer=layer == 0,
+                            initial_v=i.initial_v)
         makes_mu = (self.reads_mu and layer < c.n_layers - 1) or self.mlp_reads_mu     # someone reads it
         self.context = ContextualMu(c.dim, 0.02 if c.legacy else 0.0) if makes_mu and c.inl is None else None
 
@@ -369,7 +372,9 @@ class Size:
 FAMILIES: dict[str, Family] = {}
 MODELS: dict[str, DecoderConfig] = {}
 FIXED: dict[str, tuple[str, ...]] = {}
-PRESETS: dict[str, Size] = {"tiny": Size(192, 4, 6, 2), "small": Size(512, 8, 8, 4), "base": Size(768, 12, 12, 4)}
+PRESETS: dict[str, Size] = {"tiny": Size(192, 4, 6, 2), "small": Size(512, 8, 8, 4), "base": Size(768, 12, 12, 4),
+                            "125m": Size(768, 12, 12, 12), "350m": Size(1024, 24, 16, 16),
+                            "1.5b": Size(2048, 24, 16, 8)}
 
 
 def register_family(name: str, config: type, model: type) -> Family:
@@ -445,6 +450,10 @@ register_model("routed_modulo", DeepConfig(experts=RoutedConfig(route="modulo"))
 register_model("routed_mu_soft", DeepConfig(experts=RoutedConfig(mu_override="soft")), fixed=("experts.mu_override",))
 register_model("routed_mu_straight", DeepConfig(experts=RoutedConfig(mu_override="straight")),
                fixed=("experts.mu_override",))
+register_model("deep", DeepConfig(mu=MuConfig(), inl=INLConfig(), experts=RoutedConfig(route="modulo")))
+register_model("deep_legacy", DeepConfig(mu=MuConfig(), inl=INLConfig(), legacy=True,
+                                         experts=RoutedConfig(n_experts=4, mu_override="hard")),
+               fixed=("legacy", "experts.mu_override"))
 
 # %% ../nbs/08_full_models.ipynb #373c57f5
 def matched_hidden(name: str, preset: str | None, target: int, multiple_of: int = 8, **overrides) -> int:
@@ -474,11 +483,74 @@ def from_flat_config(name: str, flat: dict) -> DecoderConfig:
         return DenseConfig(**shape, hidden=hidden, moe=moe if g("mlp") == "moe" else None)
     mu = MuConfig(norm=g("mu_norm") or ("none" if legacy else "rms"), highway=g("mu_highway", 0.1))
     inl = INLConfig(controller_hidden=g("inl_controller", 64), dt=g("inl_dt", 0.1),
-                    bounds=g("inl_bounds") or ("clamp" if legacy else "smooth"))
+                    bounds=g("inl_bounds") or ("clamp" if legacy else "smooth"), initial_v="zero")   # 0.1's layer 0
     routed = RoutedConfig(**experts, route=g("route") or ("modulo" if legacy else "balanced"),
                           route_per_layer=g("route_per_layer", False), mu_override=g("mu_override"))
     return DeepConfig(**shape, hidden=hidden, mu=mu if g("mu_attention") else None, inl=inl if g("inl") else None,
                       experts=routed if g("mlp") == "routed" else None, legacy=legacy)
+
+# %% ../nbs/08_full_models.ipynb #28c9e86d
+_V013_COMPUTED = ("rotary_emb.inv_freq", "token_to_expert")       # buffers that follow from the config: checked
+
+
+def v013_views(model: Decoder) -> dict[str, Tensor]:
+    """complexity-deep v0.13.0's state-dict names (`DeepForCausalLM`) -> views of `model`'s tensors in v0.13.0's
+    orientation, for a `deep_legacy` model (legacy; mu, INL and experts with the `hard` override; QK-norm)."""
+    c = model.config
+    ok = isinstance(model, DeepModel) and c.legacy and c.qk_norm and None not in (c.mu, c.inl, c.experts) \
+        and c.experts.mu_override == "hard"
+    if not ok: raise ValueError("model: v0.13.0's weights fit a deep_legacy model (legacy=True with mu, inl, QK-norm "
+                                f"and experts with mu_override='hard'); got {type(model).__name__} {c!r:.60}...")
+    views = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
+             "lm_head.weight": model.head.weight}
+    for i, b in enumerate(model.blocks):
+        p, a, d, m = f"model.layers.{i}.", b.attn, b.dynamics, b.mlp
+        (q, k, v), (mq, mk, mv) = a.qkv.weight.split(a.qkv_sizes), a.mu_qkv.weight.split(a.qkv_sizes)
+        attn = dict(q_proj=q, k_proj=k, v_proj=v, o_proj=a.out.weight, mu_to_q=mq, mu_to_k=mk, mu_to_v=mv,
+                    q_norm=a.q_norm.weight, k_norm=a.k_norm.weight)
+        views |= {f"{p}self_attn.{n}.weight": t for n, t in attn.items()}
+        views |= {p + "self_attn.rotary_emb.inv_freq": a.rope.inv_freq, p + "dynamics.mu": d.context.mu,
+                  p + "dynamics.mu_proj.weight": d.context.mu_proj.weight}
+        for lin in ("controller_in", "controller_out"):
+            views |= {f"{p}dynamics.{lin}.{n}": getattr(getattr(d, lin), n) for n in ("weight", "bias")}
+        views |= {p + "mlp.gate_up_proj": m.experts.gate_up.transpose(1, 2), p + "mlp.token_to_expert": m.table,
+                  p + "mlp.down_proj": m.experts.down.transpose(1, 2), p + "mlp.mu_router.weight": m.mu_router.weight}
+        views |= {p + "input_layernorm.weight": b.attn_norm.weight,
+                  p + "post_attention_layernorm.weight": b.mlp_norm.weight}
+    return views
+
+# %% ../nbs/08_full_models.ipynb #a39fae91
+def legacy_state_dict(model: Decoder) -> dict[str, Tensor]:
+    "`model`'s state under complexity-deep v0.13.0's names and orientations (copies), as `DeepForCausalLM` saves it."
+    return {k: t.detach().clone(memory_format=torch.contiguous_format) for k, t in v013_views(model).items()}
+
+
+def load_legacy_state_dict(model: Decoder, sd: dict[str, Tensor]) -> Decoder:
+    """Load complexity-deep v0.13.0's state dict `sd` (its names and orientations) into the `deep_legacy` model
+    `model`, strictly (every name, nothing else, the same shapes; a tied head may be saved once). Returns `model`."""
+    views, sd = v013_views(model), dict(sd)
+    tied = model.head.weight is model.embed.weight
+    pair = ("lm_head.weight", "model.embed_tokens.weight")
+    if tied and sum(k in sd for k in pair) == 1: sd[pair[0]] = sd[pair[1]] = sd.get(pair[0], sd.get(pair[1]))
+    missing, unexpected = sorted(views.keys() - sd.keys()), sorted(sd.keys() - views.keys())
+    if missing or unexpected:
+        raise ValueError(f"sd: not v0.13.0's state dict of this model: missing {missing[:4]} ({len(missing)}), "
+                         f"unexpected {unexpected[:4]} ({len(unexpected)})")
+    bad = [f"{k} {tuple(sd[k].shape)} (model {tuple(t.shape)})" for k, t in views.items() if sd[k].shape != t.shape]
+    if bad: raise ValueError(f"sd: shapes differ from this model's: {', '.join(bad[:3])}")
+    if tied and not torch.equal(sd[pair[0]], sd[pair[1]]):
+        raise ValueError("sd: lm_head.weight differs from model.embed_tokens.weight, but this model ties them")
+    for k, t in views.items():
+        if not k.endswith(_V013_COMPUTED): continue
+        x = sd[k].to(t.device)
+        same = torch.equal(x.long(), t) if not t.is_floating_point() else \
+            torch.allclose(x.to(t.dtype), t, rtol=torch.finfo(x.dtype).eps, atol=0)
+        if not same: raise ValueError(f"sd: {k} differs from this model's (it follows from the config: "
+                                      "vocab_size, n_experts, rope_theta, head dim)")
+    with torch.no_grad():
+        for k, t in views.items():
+            if not k.endswith(_V013_COMPUTED): t.copy_(sd[k])
+    return model
 
 # %% ../nbs/08_full_models.ipynb #eb8e2470
 @dataclass(frozen=True)

@@ -568,6 +568,9 @@ class RoutedConfig:
         check_int("RoutedConfig.shared_hidden", self.shared_hidden, low=0)
         check_choice("RoutedConfig.route", self.route, get_args(Route))
         check_choice("RoutedConfig.route_per_layer", self.route_per_layer, (False, True))
+        if self.route_per_layer and self.route == "modulo":
+            raise ValueError("RoutedConfig.route_per_layer: the modulo table has no seed, so every layer would get the "
+                             "same one; route_per_layer takes route='hash' or 'balanced'")
         if self.mu_override is not None:
             check_choice("RoutedConfig.mu_override", self.mu_override, get_args(MuOverride))
             if self.n_experts < 2: raise ValueError("RoutedConfig.mu_override needs n_experts >= 2")

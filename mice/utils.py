@@ -14,8 +14,8 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['check_int', 'check_number', 'check_choice', 'host_checks', 'check_tensor', 'check_token_ids', 'num_params',
-           'dead_parameters', 'autocast', 'compute_dtype', 'atomic_write', 'nested_configs', 'replace_config',
-           'config_from_dict', 'parse_assignment', 'parse_assignments']
+           'dead_parameters', 'dead_elements', 'autocast', 'compute_dtype', 'atomic_write', 'nested_configs',
+           'replace_config', 'config_from_dict', 'parse_assignment', 'parse_assignments']
 
 # %% ../nbs/foundation/00_utils.ipynb #720c5c67
 def check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
@@ -103,6 +103,15 @@ def num_params(module: nn.Module, active: bool = False) -> int:
 def dead_parameters(module: nn.Module) -> list[str]:
     "Trainable parameters of `module` whose `.grad` is None or all zero (call after `backward`; syncs the host)."
     return [n for n, p in module.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+
+
+def dead_elements(module: nn.Module) -> dict[str, int]:
+    """Per trainable parameter of `module`, how many of its elements have a `.grad` of exactly zero (all of them if
+    `.grad` is None); parameters with none are left out. Call after `backward` on a few batches: the gradients add up,
+    so an element counts only if no batch reached it. Syncs the host."""
+    counts = {n: p.numel() if p.grad is None else int((p.grad == 0).sum()) for n, p in module.named_parameters()
+              if p.requires_grad}
+    return {n: c for n, c in counts.items() if c}
 
 # %% ../nbs/foundation/00_utils.ipynb #d902abc8
 def autocast(device, dtype: torch.dtype = torch.bfloat16) -> AbstractContextManager:

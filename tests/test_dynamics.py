@@ -56,7 +56,11 @@ def test_effective_init_after_model_init(kind, legacy, want):
     assert all(isinstance(b.dynamics, LegacyINLDynamics) == legacy for b in model.blocks)
     h = torch.randn(3, 10, 64) * 0.5
     for b in model.blocks:
-        for got, w in zip(b.dynamics.coefficients(h, h), want):
+        first = b.dynamics.first_layer                  # layer 0 takes no velocity and (default) makes no alpha
+        for got, w in zip(b.dynamics.coefficients(h, None if first else h), want):
+            if got is None:
+                assert first and not legacy
+                continue
             assert abs(got.mean().item() - w) < 5e-3 and (got - w).abs().max() < 0.05
         W = b.dynamics.context.mu_proj.weight
         assert (W.abs().max() == 0) != legacy
@@ -293,3 +297,33 @@ def test_compare_runs_unmatched_keeps_the_width(tmp_path):
     s = compare_runs(["dense", "inl"], [0], base, match_params=False, log=lambda *a: None)["summary"]
     assert s["dense"]["hidden"] == s["inl"]["hidden"] == swiglu_hidden(32)
     assert s["inl"]["params_no_embedding"] > s["dense"]["params_no_embedding"]
+
+
+@pytest.mark.parametrize("bounds", ["smooth", "clamp"])
+def test_first_layer_is_the_full_step_at_zero_velocity_without_its_dead_weights(bounds):
+    "A first layer (no velocity input, no alpha) computes what the full controller computes at v = 0."
+    torch.manual_seed(0)
+    H = 16
+    full, first = INLDynamics(H, bounds=bounds).double(), INLDynamics(H, bounds=bounds, first_layer=True).double()
+    with torch.no_grad():
+        for p in full.parameters(): p.add_(torch.randn_like(p) * 0.3)
+        first.controller_in.weight.copy_(full.controller_in.weight[:, :H])
+        first.controller_in.bias.copy_(full.controller_in.bias)
+        first.controller_out.weight.copy_(full.controller_out.weight[H:])
+        first.controller_out.bias.copy_(full.controller_out.bias[H:])
+        first.context.load_state_dict(full.context.state_dict())
+    h = torch.randn(3, 5, H, dtype=torch.float64) * 3
+    for a, b in zip(full(h), first(h)): assert torch.allclose(a, b, atol=1e-12)
+    assert sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in first.parameters()) == 2 * H * 64 + H
+    with pytest.raises(ValueError, match="takes no velocity"):
+        first(h, h)
+
+
+def test_model_layer0_and_the_legacy_layout():
+    model = build_model("mu_inl", None, **SHAPE)
+    assert [b.dynamics.first_layer for b in model.blocks] == [True, False, False]
+    assert model.blocks[0].dynamics.controller_in.in_features == SHAPE["dim"]
+    full = build_model("mu_inl", None, inl=dict(initial_v="zero"), **SHAPE)      # mice 0.1's layer 0
+    assert full.blocks[0].dynamics.controller_in.in_features == 2 * SHAPE["dim"]
+    legacy = build_model("mu_inl", None, legacy=True, **SHAPE)
+    assert legacy.config.inl.initial_v == "zero" and legacy.blocks[0].dynamics.controller_in.in_features == 64

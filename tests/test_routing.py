@@ -322,6 +322,7 @@ def test_configs_validate_their_fields():
     assert MoEConfig(top_k=4).expert_width(16) == 8                          # at least 8, as before
     for make, msg in [(lambda: RoutedConfig(route="zipf"), "RoutedConfig.route: expected one of"),
                       (lambda: RoutedConfig(route_per_layer=1), "RoutedConfig.route_per_layer: expected one of"),
+                      (lambda: RoutedConfig(route="modulo", route_per_layer=True), "modulo table has no seed"),
                       (lambda: RoutedConfig(mu_override="argmax"), "RoutedConfig.mu_override: expected one of"),
                       (lambda: RoutedConfig(expert_hidden=0), "RoutedConfig.expert_hidden: expected an integer >= 1"),
                       (lambda: MoEConfig(top_k=9), "MoEConfig.top_k: expected an integer in [1, 8]"),
