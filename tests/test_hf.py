@@ -233,3 +233,16 @@ def test_beam_search_cache_equals_recompute(hf, case):
     hm = to_hf(model, case)
     kw = dict(attention_mask=mask, max_new_tokens=12, num_beams=4, do_sample=False)   # beams that part ways
     assert torch.equal(hm.generate(prompts, **kw), hm.generate(prompts, use_cache=False, **kw))
+
+
+def test_hf_save_is_the_library_save(hf, tmp_path):
+    "The wrapper's save_pretrained writes the library's model directory; both loaders read it back bitwise."
+    from transformers import AutoModelForCausalLM
+    from mice.hf import to_hf
+    model = moved("routed")
+    to_hf(model, "routed").save_pretrained(tmp_path)
+    assert read_config(tmp_path)[1] == "routed"
+    idx = torch.randint(0, 4096, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(tmp_path)(idx), model(idx))
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(idx).logits, model(idx))
