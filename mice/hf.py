@@ -448,6 +448,7 @@ def hf_classes() -> SimpleNamespace:
         config_base = getattr(tf, "PreTrainedConfig", None) or tf.PretrainedConfig
         _HF.update(Cache=cache, Config=_config_class(config_base), configs={}, models={},
                    Model=_model_class(tf.PreTrainedModel, tf.GenerationMixin, tf.Cache, CausalLMOutputWithPast, cache))
+        for c in (_HF["Cache"], _HF["Config"], _HF["Model"]): c.__qualname__, c.__module__ = c.__name__, __name__
     tf = require_transformers()
     for family in FAMILIES:
         if family in _HF["configs"]: continue

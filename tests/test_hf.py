@@ -188,7 +188,7 @@ def test_cache_grows_and_continues(hf):
     hm, idx = to_hf(model, "mgm"), torch.randint(0, 4096, (2, 60), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         out = hm(idx[:, :5], use_cache=True)
-        logits, cache = [out.logits], out.cache
+        logits, cache = [out.logits], out["cache" if "cache" in out else "past_key_values"]   # 5.17: past_key_values
         for a, b in ((5, 6), (6, 40), (40, 60)):
             out = hm(idx[:, a:b], cache=cache, use_cache=True)
             logits.append(out.logits)
