@@ -246,3 +246,22 @@ def test_hf_save_is_the_library_save(hf, tmp_path):
     with torch.no_grad():
         assert torch.equal(from_pretrained(tmp_path)(idx), model(idx))
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(idx).logits, model(idx))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_load_and_generate(hf, tmp_path):
+    "On the GPU: both loaders build on the device in the saved dtype; HF's greedy tokens are the library's (float32)."
+    from transformers import AutoModelForCausalLM
+    for name in ("mu_inl", "routed", "convex"):
+        save_pretrained(moved(name), tmp_path / name, name=name)
+        for dtype in (torch.float32, torch.bfloat16):
+            model = from_pretrained(tmp_path / name, device="cuda", dtype=dtype)
+            hm = AutoModelForCausalLM.from_pretrained(tmp_path / name, device_map="cuda", dtype=dtype)
+            assert model.embed.weight.device.type == "cuda" and hm.dtype == dtype
+            prompts, mask = PADDED.cuda(), PADDED_MASK.cuda()
+            with torch.no_grad():
+                assert torch.equal(hm(prompts, attention_mask=mask, use_cache=False).logits[mask.bool()],
+                                   model(prompts, valid=mask.bool())[mask.bool()])
+            if dtype == torch.float32:
+                ours = generate(model, prompts, 8, temperature=0, attention_mask=mask, static=False)
+                assert torch.equal(hm.generate(prompts, attention_mask=mask, max_new_tokens=8, do_sample=False), ours)
