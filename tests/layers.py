@@ -12,7 +12,7 @@ LAYER_NAMES = {1: "foundation", 2: "mechanisms", 3: "models", 4: "training", 5: 
 RANKS = {
     "utils": 10, "bench": 11, "blocks": 12, "data": 12, "sources": 13,
     "petals": 20, "attention": 20, "routing": 20, "dynamics": 20, "memory": 20, "vectorhull": 21, "geometric": 21,
-    "models": 30,
+    "models": 30, "hf": 31,
     "training": 40,
     "experiments": 50, "cli": 51,
 }
