@@ -76,7 +76,7 @@ def diagram() -> str:
     for m in sorted(modules(), key=lambda m: (RANKS[m], m)): by_layer.setdefault(RANKS[m] // 10, []).append(m)
     width = max(len(n) for n in LAYER_NAMES.values())
     lines = [f"{k}  {LAYER_NAMES[k]:<{width}}  " + "  ".join(by_layer.get(k, [])) for k in sorted(LAYER_NAMES, reverse=True)]
-    lines += ["", "uses (every arrow points to a lower layer):"]
+    lines += ["", "uses (every arrow points to a lower rank: a lower layer, or earlier in the same layer):"]
     order = sorted(modules(), key=lambda m: (-RANKS[m], m))
     for m in order:
         uses = sorted(references(m), key=lambda t: (-RANKS[t], t))
