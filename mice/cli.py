@@ -140,8 +140,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                    help="one run of each model per seed (default %(default)s)")
     _train_options(c, TrainConfig(out_dir="runs/compare"))
-    c.add_argument("--no-match-params", dest="match_params", action="store_false",
-                   help="keep every model's MLP width (default: match the first's parameter count within 2%%)")
+    c.add_argument("--match-params", choices=("total", "active", "none"), default="total",
+                   help="set each model's MLP width so that its parameters without the embedding are within 2%% of "
+                        "the first's: every parameter (total), those a token uses (active), or keep every width "
+                        "(none) (default %(default)s)")
+    c.add_argument("--no-match-params", dest="match_params", action="store_const", const="none",
+                   help="the same as --match-params none")
     c.add_argument("--jobs", type=int, default=None,
                    help="runs in parallel processes (default: all runs on a GPU, 1 on the CPU)")
     c.add_argument("--out", help="JSON file for the results (default: <out-dir>/compare.json)")

@@ -9,9 +9,10 @@ import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Literal, get_args
 import numpy as np
 import torch
-from .utils import atomic_write, autocast, check_int, check_number
+from .utils import atomic_write, autocast, check_choice, check_int, check_number
 from .bench import Result, compare, compile_modes, context, peak_memory, sdpa_backend, time_fn
 from .data import load_tokenizer, token_ids
 from .models import MODELS, PRESETS, build_model, matched_hidden
@@ -19,9 +20,9 @@ from .routing import routing_stats
 from .training import TrainConfig, TrainStep, load_model, make_optimizer, parallelize, train
 
 # %% auto #0
-__all__ = ['TOKEN_CLASSES', 'tokens_to_target', 'summarize_runs', 'compare_runs', 'trained_routing_stats', 'token_classes',
-           'routing_specialisation', 'curvatures', 'geometric_training', 'model_suite', 'hf_llama', 'copies_into_llama',
-           'decode_suite']
+__all__ = ['MatchParams', 'TOKEN_CLASSES', 'tokens_to_target', 'summarize_runs', 'compare_runs', 'trained_routing_stats',
+           'token_classes', 'routing_specialisation', 'curvatures', 'geometric_training', 'model_suite', 'hf_llama',
+           'copies_into_llama', 'decode_suite']
 
 # %% ../nbs/09_experiments.ipynb #6f6e3516
 def _one_run(c: dict) -> dict:
@@ -76,16 +77,21 @@ def summarize_runs(runs: list[dict], models: list[str]) -> dict:
     return {"target_bpb": target, "summary": out}
 
 # %% ../nbs/09_experiments.ipynb #aa3720f1
-def _matched_widths(models: list[str], base: TrainConfig, kw: dict) -> dict[str, int]:
-    "Each model's MLP width that puts its parameters (without the embedding) within 2% of the first model's."
-    target = build_model(models[0], base.preset, **kw).num_params(embedding=False)
-    hidden = {}
+MatchParams = Literal["total", "active", "none"]
+
+
+def _matched_widths(models: list[str], base: TrainConfig, kw: dict, active: bool = False) -> dict[str, int]:
+    """Each model's MLP width that puts its parameters (without the embedding; with `active`, those a token uses)
+    within 2% of the first model's."""
+    def count(m, **more): return build_model(m, base.preset, **kw, **more).num_params(embedding=False, active=active)
+    target, hidden = count(models[0]), {}
     for m in models:
         for multiple in (8, 1):                  # a multiple of 8 if that is within 2%, else any width
-            hidden[m] = matched_hidden(m, base.preset, target, multiple, **kw)
-            n = build_model(m, base.preset, **{**kw, "hidden": hidden[m]}).num_params(embedding=False)
+            hidden[m] = matched_hidden(m, base.preset, target, multiple, active=active, **kw)
+            n = count(m, hidden=hidden[m])
             if abs(n / target - 1) <= 0.02: break
-        else: raise ValueError(f"cannot match {m!r} to {target} parameters within 2% by the MLP width (best: {n})")
+        else: raise ValueError(f"cannot match {m!r} to {target} {'active ' if active else ''}parameters within 2% "
+                               f"by the MLP width (best: {n})")
     return hidden
 
 
@@ -107,12 +113,14 @@ def _run_all(configs: list[dict], jobs: int, log, what: str) -> list[dict]:
     return runs
 
 
-def compare_runs(models: list[str], seeds: list[int], base: TrainConfig | None = None, match_params: bool = True,
+def compare_runs(models: list[str], seeds: list[int], base: TrainConfig | None = None,
+                 match_params: MatchParams | bool = "total",
                  jobs: int = 1, out: str | Path | None = None, log=print, lrs: list[float] | None = None,
                  sweep_seed: int | None = None) -> dict:
     """Train each model name with each seed under the same `base` config (token budget, schedule, data) and
     summarize (`summarize_runs`). `match_params`: set each model's MLP width so that its parameter count (without
-    the embedding) is within 2% of the first's. `lrs`: first train every model once at each of these peak learning
+    the embedding) is within 2% of the first's: `"total"` (or True) counts every parameter, `"active"` those a token
+    uses, `"none"` (or False) keeps every width. `lrs`: first train every model once at each of these peak learning
     rates (seed `sweep_seed`, by default one not in `seeds`), then compare each at its own best. `jobs`: runs in
     parallel processes. `out`: write the JSON there."""
     base = base or TrainConfig()
@@ -127,11 +135,13 @@ def compare_runs(models: list[str], seeds: list[int], base: TrainConfig | None =
     sweep_seed = max(seeds) + 1 if sweep_seed is None else sweep_seed
     if lrs is not None and sweep_seed in seeds:
         raise ValueError(f"sweep_seed {sweep_seed} is one of the compared seeds {seeds}: pick another")
-    if "hidden" in base.model_overrides and match_params:
-        raise ValueError("base.model_overrides sets hidden; use match_params=False to keep it")
+    if isinstance(match_params, bool): match_params = "total" if match_params else "none"
+    check_choice("match_params", match_params, get_args(MatchParams))
+    if "hidden" in base.model_overrides and match_params != "none":
+        raise ValueError("base.model_overrides sets hidden; use match_params='none' to keep it")
     kw = {"vocab_size": load_tokenizer().get_vocab_size(), "max_seq_len": max(base.seq_len, 1024),
           **base.model_overrides}
-    hidden = _matched_widths(models, base, kw) if match_params else {}
+    hidden = {} if match_params == "none" else _matched_widths(models, base, kw, active=match_params == "active")
     def config(m, s, lr):
         overrides = {**base.model_overrides, **({"hidden": hidden[m]} if hidden else {})}
         return asdict(replace(base, model=m, seed=s, lr=lr, sample_tokens=0, model_overrides=overrides,

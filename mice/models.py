@@ -456,9 +456,12 @@ register_model("deep_legacy", DeepConfig(mu=MuConfig(), inl=INLConfig(), legacy=
                fixed=("legacy", "experts.mu_override"))
 
 # %% ../nbs/08_full_models.ipynb #373c57f5
-def matched_hidden(name: str, preset: str | None, target: int, multiple_of: int = 8, **overrides) -> int:
-    "MLP width that brings model `name`'s parameter count (without the embedding) closest to `target`."
-    def count(h): return build_model(name, preset, **{**overrides, "hidden": h}).num_params(embedding=False)
+def matched_hidden(name: str, preset: str | None, target: int, multiple_of: int = 8, active: bool = False,
+                   **overrides) -> int:
+    """MLP width that brings model `name`'s parameter count (without the embedding; with `active`, those a token uses)
+    closest to `target`."""
+    def count(h):
+        return build_model(name, preset, **{**overrides, "hidden": h}).num_params(embedding=False, active=active)
     a, b = 8 * multiple_of, 16 * multiple_of              # wide enough that no floor on an expert's width binds
     with torch.device("meta"):
         na, nb = count(a), count(b)

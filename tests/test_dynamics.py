@@ -327,3 +327,17 @@ def test_model_layer0_and_the_legacy_layout():
     assert full.blocks[0].dynamics.controller_in.in_features == 2 * SHAPE["dim"]
     legacy = build_model("mu_inl", None, legacy=True, **SHAPE)
     assert legacy.config.inl.initial_v == "zero" and legacy.blocks[0].dynamics.controller_in.in_features == 64
+
+
+def test_compare_runs_matches_active_parameters(tmp_path):
+    "`match_params='active'`: a mixture of experts gets the dense model's active parameters, not its total."
+    from mice.experiments import compare_runs
+    from mice.training import TrainConfig
+    base = TrainConfig(steps=2, batch_size=2, seq_len=16, eval_every=2, eval_tokens=256, full_final_eval=False,
+                       warmup=1, out_dir=str(tmp_path),
+                       model_overrides=dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1))
+    s = compare_runs(["dense", "top2"], [0], base, match_params="active", log=lambda *a: None)["summary"]
+    dense, top2 = s["dense"]["active_params_no_embedding"], s["top2"]["active_params_no_embedding"]
+    assert abs(top2 / dense - 1) <= 0.02 and s["top2"]["params_no_embedding"] > 1.5 * dense, (dense, top2)
+    with pytest.raises(ValueError, match="match_params: expected one of"):
+        compare_runs(["dense", "top2"], [0], base, match_params="activ")
