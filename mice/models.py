@@ -25,7 +25,7 @@ __all__ = ['FAMILIES', 'MODELS', 'FIXED', 'PRESETS', 'EUCLIDEAN', 'ConvexFFNKind
            'family_of', 'register_model', 'model_config', 'build_model', 'matched_hidden', 'from_flat_config',
            'MGMConfig', 'mgm_mlp', 'MGMBlock', 'MGMModel', 'sampling_probs', 'next_tokens', 'check_generation',
            'stop_ids', 'check_attention_mask', 'prompt_lists', 'decode_path', 'generate', 'ConvexConfig', 'ConvexFFN',
-           'ConvexBlock', 'ConvexModel']
+           'ConvexBlock', 'ConvexModel', 'count_flops']
 
 # %% ../nbs/08_full_models.ipynb #5df49004
 @dataclass(frozen=True)
@@ -139,9 +139,9 @@ def _forward(self, idx: Tensor, cache: KVCache | None = None, valid: Tensor | No
     c = self.config
     check_tokens(idx, c.vocab_size, c.max_seq_len if cache is None else None)
     B, T = idx.shape
+    if cache is not None: self.check_cache(cache, B)
     start = 0 if cache is None else cache.length
     if cache is not None:
-        self.check_cache(cache, B)
         if start + T > cache.max_len:
             raise ValueError(f"cache: holds {cache.max_len} tokens; {start} + {T} would overflow it")
         if valid is not None: cache.valid[:, start:start + T], cache.padded = valid, True
@@ -683,7 +683,7 @@ def prompt_lists(prompts, attention_mask: Tensor | None = None) -> list[list[int
     raise TypeError(f"{_PROMPTS}; got {type(prompts).__name__}"
                     + (f" of {type(prompts[0]).__name__}" if isinstance(prompts, (list, tuple)) and prompts else ""))
 
-# %% ../nbs/08_full_models.ipynb #b0b5459a
+# %% ../nbs/08_full_models.ipynb #aa915cf5
 def decode_path(model: Decoder, static: bool | None = None, compile: bool | dict = False) -> bool:
     "Whether `generate` takes the static step: `static` (None: where it is exact), checked against the model."
     if static is not None and not isinstance(static, bool):
@@ -724,7 +724,7 @@ def _check_finite(finite: Tensor):
         raise FloatingPointError(f"logits: NaN or inf in row(s) {rows}: the model's weights or activations are not "
                                  "finite (a diverged checkpoint?); its tokens would be meaningless")
 
-# %% ../nbs/08_full_models.ipynb #c4b090d3
+# %% ../nbs/08_full_models.ipynb #0a66fdb4
 @torch.no_grad()
 def generate(model: Decoder, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              seed: int | None = None, attention_mask: Tensor | None = None, static: bool | None = None,
@@ -904,3 +904,39 @@ register_family("convex", ConvexConfig, ConvexModel)
 register_model("convex", ConvexConfig(), fixed=("ffn",))
 register_model("convex_picnn", ConvexConfig(ffn="picnn"), fixed=("ffn",))
 register_model("convex_legacy", ConvexConfig(ffn="legacy", petals=2), fixed=("ffn",))
+
+# %% ../nbs/08_full_models.ipynb #7e4e870f
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+class _OneHotMatmuls(TorchDispatchMode):
+    "Sums the FLOPs of `mm`s whose left operand is one-hot (a row gather written as a matmul)."
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.mm.default:
+            a, b = args
+            if ((a == 0) | (a == 1)).all() and (a.sum(1) == 1).all(): self.flops += 2 * a.numel() * b.shape[1]
+        return out
+
+
+def count_flops(model: Decoder, seq_len: int, batch: int = 2, seed: int = 0) -> tuple[float, float]:
+    """(all, one-hot) forward matmul FLOPs per token that `FlopCounterMode` counts for `batch` random sequences of
+    `seq_len` tokens, in evaluation mode, SDPA on its math kernel; one-hot: those of row gathers written as matmuls."""
+    check_int("seq_len", seq_len)
+    check_int("batch", batch)
+    idx = torch.randint(model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+    idx = idx.to(model.embed.weight.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter: model(idx)
+        with _OneHotMatmuls() as onehot: model(idx)
+    finally: model.train(was_training)
+    n = batch * seq_len
+    return counter.get_total_flops() / n, onehot.flops / n
