@@ -645,7 +645,8 @@ def stop_ids(eos, vocab_size: int) -> list[int] | None:
 
 _PROMPTS = ("prompts: expected a list of token ids, a list of such lists, or an integer tensor [batch, T] "
            "(with an attention_mask [batch, T] marking its real tokens)")
-_MASK = "attention_mask: expected 1 for a real token and 0 for padding, as an integer or bool tensor (as tokenizers give)"
+_MASK = ("attention_mask: expected 1 for a real token and 0 for padding, as an integer or bool tensor "
+         "(as tokenizers give)")
 
 
 def _is_ids(p) -> bool:
@@ -683,7 +684,7 @@ def prompt_lists(prompts, attention_mask: Tensor | None = None) -> list[list[int
     raise TypeError(f"{_PROMPTS}; got {type(prompts).__name__}"
                     + (f" of {type(prompts[0]).__name__}" if isinstance(prompts, (list, tuple)) and prompts else ""))
 
-# %% ../nbs/08_full_models.ipynb #aa915cf5
+# %% ../nbs/08_full_models.ipynb #da9f827e
 def decode_path(model: Decoder, static: bool | None = None, compile: bool | dict = False) -> bool:
     "Whether `generate` takes the static step: `static` (None: where it is exact), checked against the model."
     if static is not None and not isinstance(static, bool):
@@ -724,7 +725,7 @@ def _check_finite(finite: Tensor):
         raise FloatingPointError(f"logits: NaN or inf in row(s) {rows}: the model's weights or activations are not "
                                  "finite (a diverged checkpoint?); its tokens would be meaningless")
 
-# %% ../nbs/08_full_models.ipynb #0a66fdb4
+# %% ../nbs/08_full_models.ipynb #ce780e07
 @torch.no_grad()
 def generate(model: Decoder, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              seed: int | None = None, attention_mask: Tensor | None = None, static: bool | None = None,
@@ -741,7 +742,8 @@ def generate(model: Decoder, prompts, max_new_tokens: int, temperature: float = 
     rows = prompt_lists(prompts, attention_mask)
     check_generation(max_new_tokens, temperature, top_k, seed, top_p)
     if stream is not None and not callable(stream):
-        raise TypeError(f"stream: expected a function of each step's tokens (a list of ids), got {type(stream).__name__}")
+        raise TypeError(f"stream: expected a function of each step's tokens (a list of ids), "
+                        f"got {type(stream).__name__}")
     static = decode_path(model, static, compile) and max_new_tokens > 0     # no step: the prefill alone
     if not rows or any(len(p) == 0 for p in rows): raise ValueError("prompts: every prompt needs a token (non-empty)")
     V = model.config.vocab_size
@@ -905,7 +907,7 @@ register_model("convex", ConvexConfig(), fixed=("ffn",))
 register_model("convex_picnn", ConvexConfig(ffn="picnn"), fixed=("ffn",))
 register_model("convex_legacy", ConvexConfig(ffn="legacy", petals=2), fixed=("ffn",))
 
-# %% ../nbs/08_full_models.ipynb #7e4e870f
+# %% ../nbs/08_full_models.ipynb #0905fd68
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
