@@ -20,12 +20,12 @@ from .geometric import GeometricConfig, GeometricMoE
 
 # %% auto #0
 __all__ = ['FAMILIES', 'MODELS', 'FIXED', 'PRESETS', 'EUCLIDEAN', 'ConvexFFNKind', 'DecoderConfig', 'Step', 'check_tokens',
-           'Decoder', 'attention_flops', 'DenseConfig', 'topk_experts', 'DenseBlock', 'DenseModel', 'DeepConfig',
+           'Decoder', 'score_flops', 'DenseConfig', 'topk_experts', 'DenseBlock', 'DenseModel', 'DeepConfig',
            'DeepState', 'deep_attention', 'deep_mlp', 'DeepBlock', 'DeepModel', 'Family', 'Size', 'register_family',
            'family_of', 'register_model', 'model_config', 'build_model', 'matched_hidden', 'from_flat_config',
            'MGMConfig', 'mgm_mlp', 'MGMBlock', 'MGMModel', 'sampling_probs', 'next_tokens', 'check_generation',
            'stop_ids', 'check_attention_mask', 'prompt_lists', 'decode_path', 'generate', 'ConvexConfig', 'ConvexFFN',
-           'ConvexBlock', 'ConvexModel', 'count_flops']
+           'ConvexBlock', 'ConvexModel', 'counted_flops']
 
 # %% ../nbs/08_full_models.ipynb #5df49004
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ def _matmul_flops(module: nn.Module) -> int:
     return total
 
 
-def attention_flops(attn: Attention, seq_len: int) -> int:
+def score_flops(attn: Attention, seq_len: int) -> int:
     """Forward FLOPs per token of `attn`'s QK^T and AV at sequence length `seq_len`: 4 T H d_h over all T keys (the
     non-causal count), or over the segment window L of a `MemoryAttention`, whose queries are padded to whole
     segments (4 L H d_h ceil(T / L) L / T: exact when T is a multiple of L; its slots are the memory's own count)."""
@@ -201,7 +201,7 @@ def _num_params(self, embedding: bool = True, active: bool = False) -> int:
 def _flops_per_token(self, seq_len: int) -> int:
     "Forward FLOPs per token at sequence length `seq_len`: the matmuls plus each attention's. Training is 3x."
     check_int("seq_len", seq_len)
-    return _matmul_flops(self) + sum(attention_flops(m, seq_len) for m in self.modules() if isinstance(m, Attention))
+    return _matmul_flops(self) + sum(score_flops(m, seq_len) for m in self.modules() if isinstance(m, Attention))
 
 
 def _new_cache(self, batch: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
@@ -927,7 +927,7 @@ class _OneHotMatmuls(TorchDispatchMode):
         return out
 
 
-def count_flops(model: Decoder, seq_len: int, batch: int = 2, seed: int = 0) -> tuple[float, float]:
+def counted_flops(model: Decoder, seq_len: int, batch: int = 2, seed: int = 0) -> tuple[float, float]:
     """(all, one-hot) forward matmul FLOPs per token that `FlopCounterMode` counts for `batch` random sequences of
     `seq_len` tokens, in evaluation mode, SDPA on its math kernel; one-hot: those of row gathers written as matmuls."""
     check_int("seq_len", seq_len)

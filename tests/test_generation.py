@@ -30,7 +30,8 @@ M = torch.tensor([[1, 1, 1], [0, 1, 1]])
     (dict(attention_mask=M * 2), ValueError, "; got value 2"),
     (dict(attention_mask=-M), ValueError, "; got value -1"),
     (dict(attention_mask=M[:, 1:]), ValueError, "attention_mask: expected the prompts' shape (2, 3), got (2, 2)"),
-    (dict(attention_mask=torch.tensor([[1, 1, 1], [0, 0, 0]])), ValueError, "attention_mask: row 1 marks no real token"),
+    (dict(attention_mask=torch.tensor([[1, 1, 1], [0, 0, 0]])), ValueError,
+     "attention_mask: row 1 marks no real token"),
     (dict(top_p=0.0), ValueError, "top_p: expected a number > 0 and <= 1, got 0.0"),
     (dict(top_p=1.5), ValueError, "top_p: expected a number > 0 and <= 1, got 1.5"),
     (dict(top_p=math.nan), ValueError, "top_p: expected a number > 0"),
@@ -153,7 +154,8 @@ def test_streamed_tokens_are_the_returned_ones(static):
     "`stream` sees each step's tokens as they come, one list of B ids per step, and they are the tokens returned."
     m = _dense()
     for prompts, kw in (([[1, 2, 3], [7, 8]], dict(seed=1)), ([4, 5], dict(temperature=0)),
-                        (IDS, dict(attention_mask=M, seed=2, top_p=0.8, top_k=20)), ([[1, 2], [3]], dict(seed=0, eos=5))):
+                        (IDS, dict(attention_mask=M, seed=2, top_p=0.8, top_k=20)),
+                        ([[1, 2], [3]], dict(seed=0, eos=5))):
         steps = []
         out = _rows(generate(m, prompts, 9, static=static, stream=steps.append, **kw))
         assert out == _rows(generate(m, prompts, 9, static=static, **kw))       # streaming changes nothing
