@@ -185,3 +185,36 @@ def test_cached_greedy_generation_equals_recomputation(name):
     if not m.static_decode:
         with pytest.raises(ValueError, match="left padding is not supported"):
             generate(m, [[5, 6, 7], [3]], 2, temperature=0)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_nucleus_sampling_needs_no_host_sync_on_cuda():
+    "`next_tokens` with top_k and top_p after a static step: no host sync (sync debug mode raises on one)."
+    from mice.models import next_tokens
+    m = _dense(vocab_size=257, dim=64).cuda()
+    cache = m.new_cache(3, 30)
+    with torch.no_grad():
+        logits = m(torch.randint(0, 257, (3, 20), device="cuda"), cache)[:, -1]
+        cache.begin_decode()
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(5): logits = m.decode_step(next_tokens(logits, 0.8, 40, gen, top_p=0.9), cache)
+        finally: torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+def test_compiled_decoding_with_eos_and_stream_matches_the_sliced_path():
+    "CUDA graphs with nucleus sampling, an eos and a stream give the sliced path's tokens, and stream them."
+    m = _dense(vocab_size=257, dim=64).cuda()
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    kw = dict(seed=0, top_p=0.9, eos=7)
+    want = generate(m, prompts, 16, static=False, **kw)
+    for _ in range(2):
+        steps = []
+        assert generate(m, prompts, 16, compile=True, stream=steps.append, **kw) == want
+        for row, p, s in zip(want, prompts, zip(*steps)): assert row[len(p):] == list(s)[:len(row) - len(p)]
