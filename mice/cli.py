@@ -11,14 +11,14 @@ from typing import get_args
 import torch
 from . import bench, blocks, petals, vectorhull, attention, routing, geometric, experiments, sources
 from .utils import check_int, parse_assignments
-from .data import load_tokenizer, tokenizer_digest
-from .models import MODELS, PRESETS, check_generation
+from .data import EOT, load_tokenizer, tokenizer_digest
+from .models import MODELS, PRESETS, build_model, check_generation, generate
 from .training import (PLAYS, STAGE_PRESETS, Parallel, Schedule, TrainConfig, check_device, load_model,
-                           load_stages, map_patterns, sample_text, train)
+                           load_stages, map_patterns, train)
 from .experiments import compare_runs
 
 # %% auto #0
-__all__ = ['SUITES', 'HELP', 'FLAGS', 'DATASETS', 'USER_ERRORS', 'cli_message', 'parser', 'train_config', 'main']
+__all__ = ['SUITES', 'HELP', 'FLAGS', 'DATASETS', 'USER_ERRORS', 'cli_message', 'parser', 'TextStream', 'train_config', 'main']
 
 # %% ../nbs/10_cli.ipynb #53ac1e43
 SUITES = {
@@ -41,7 +41,8 @@ HELP = {
     "grad_clip": "clip the gradients' global norm to this value (> 0; inf: no clipping)",
 }
 FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in fields(TrainConfig)} | {
-    "model_overrides": "--set", "max_new_tokens": "--tokens", "top_k": "--top-k", "temperature": "--temperature",
+    "model_overrides": "--set", "max_new_tokens": "--tokens", "top_k": "--top-k", "top_p": "--top-p",
+    "temperature": "--temperature",
     "prompts": "--prompt", "allow_changes": "--allow-changes", "amp": "--amp-off",
     "flash_attention": "--flash-attention-off"}
 _NAMES = "|".join(sorted(FLAGS, key=len, reverse=True))
@@ -152,9 +153,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--lrs", nargs="+", type=float, default=None, metavar="LR",
                    help="first sweep these peak learning rates for every model (on a seed not compared), then compare "
                         "each model at its own best (default: every model at --lr)")
-    g = sub.add_parser("generate", help="sample text from a checkpoint")
-    g.add_argument("--checkpoint", default="runs/default/checkpoint.safetensors",
-                   help="the checkpoint to sample from (default %(default)s)")
+    g = sub.add_parser("generate", help="sample text from a checkpoint (or from an untrained model: --model)")
+    g.add_argument("--checkpoint", default=None,
+                   help="the checkpoint to sample from (default runs/default/checkpoint.safetensors)")
+    g.add_argument("--model", help="sample from an untrained model of this registered name instead, its weights drawn "
+                   f"with --seed (a smoke test of decoding): {', '.join(MODELS)}")
+    g.add_argument("--preset", default="tiny",
+                   help=f"with --model: its size, {', '.join(PRESETS)} (default %(default)s)")
+    g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="with --model: override a field of its config (as for mice train)")
     g.add_argument("--prompt", default="\n", help="the text to continue (default: a new line)")
     g.add_argument("--tokens", type=int, default=200, help="how many tokens to generate (default %(default)s)")
     g.add_argument("--temperature", type=float, default=0.8,
@@ -162,6 +169,9 @@ def parser() -> argparse.ArgumentParser:
                    "(default %(default)s)")
     g.add_argument("--top-k", type=int, default=50,
                    help="sample among the K likeliest tokens only; 0: among all (default %(default)s)")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: among the fewest likeliest tokens whose probability reaches P (0 < P <= 1; "
+                   "default: no nucleus)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the sampler: a seed gives one text (default %(default)s)")
     g.add_argument("--device", default="cpu", help="where to run: auto, cpu, cuda or cuda:N (default %(default)s)")
@@ -234,19 +244,65 @@ def _config(a, name: str, **kw) -> TrainConfig:
                        model_overrides=_overrides(name, a.set), data=_mix(a), **kw)
 
 
+class TextStream:
+    """Prints the text of a growing list of token ids as it comes: every `add` decodes the ids so far and prints what
+    is new, flushed, holding back a character whose bytes are not all there yet (the tokenizer decodes it as U+FFFD),
+    so that multi-byte characters split over byte-level tokens print whole. `finish` prints the rest and a new line."""
+    def __init__(self, tok, ids: list[int], file=None):
+        self.tok, self.ids, self.file, self.text = tok, list(ids), file, ""
+        self._show()
+
+    def _show(self, final: bool = False):
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd") and not final: return
+        print(text[len(self.text):], end="", file=self.file or sys.stdout, flush=True)
+        self.text = text
+
+    def add(self, token: int):
+        self.ids.append(token)
+        self._show()
+
+    def finish(self) -> str:
+        "Print what is left and a new line; the whole text (the tokenizer's decoding of every id)."
+        self._show(final=True)
+        print(file=self.file or sys.stdout, flush=True)
+        return self.text
+
+
+def _generation_model(a, tok):
+    "The model `mice generate` samples from: the checkpoint's, or with `--model` an untrained one (seeded by --seed)."
+    if a.model is None:
+        if a.set: raise ValueError("--set: sets a field of --model's config; a checkpoint's model is as it was saved")
+        path = a.checkpoint or "runs/default/checkpoint.safetensors"
+        model, ck = load_model(path)
+        if ck.meta.get("tokenizer") not in (None, tokenizer_digest()):
+            raise ValueError(f"--checkpoint {path} was trained with a different tokenizer than data/tokenizer.json")
+        if model.config.vocab_size != tok.get_vocab_size():
+            raise ValueError(f"--checkpoint {path}: its model has {model.config.vocab_size} token ids, the "
+                             f"tokenizer {tok.get_vocab_size()}")
+        return model
+    if a.checkpoint is not None: raise ValueError("--model: samples an untrained model; it goes without --checkpoint")
+    overrides = _overrides(a.model, a.set)
+    if a.preset not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {a.preset!r}; expected one of: {', '.join(PRESETS)}")
+    torch.manual_seed(a.seed)
+    model = build_model(a.model, a.preset, **{"vocab_size": tok.get_vocab_size(), **overrides})
+    print(f"mice generate: note: --model {a.model}: an untrained model (weights from --seed {a.seed}); its text is "
+          "noise", file=sys.stderr)
+    return model
+
+
 def _generate(a) -> str:
+    "Sample text, printed as it is produced; the model first reads `EOT`, as it did before every text in training."
     top_k = a.top_k or None
-    check_generation(a.tokens, a.temperature, top_k, a.seed)      # before any work
+    check_generation(a.tokens, a.temperature, top_k, a.seed, a.top_p)      # before any work
     device = check_device("--device", a.device)
-    model, ck = load_model(a.checkpoint)
     tok = load_tokenizer()
-    if ck.meta.get("tokenizer") not in (None, tokenizer_digest()):
-        raise ValueError(f"--checkpoint {a.checkpoint} was trained with a different tokenizer than data/tokenizer.json")
-    if model.config.vocab_size != tok.get_vocab_size():
-        raise ValueError(f"--checkpoint {a.checkpoint}: its model has {model.config.vocab_size} token ids, the "
-                         f"tokenizer {tok.get_vocab_size()}")
-    text = sample_text(model.to(device), tok, a.prompt, a.tokens, a.temperature, top_k, a.seed)
-    print(text)
+    model = _generation_model(a, tok).to(device).eval()
+    out = TextStream(tok, [tok.token_to_id(EOT), *tok.encode(a.prompt).ids])
+    generate(model, out.ids[:], a.tokens, a.temperature, top_k, a.seed, top_p=a.top_p,
+             stream=lambda new: out.add(new[0]))
+    text = out.finish()
     if a.tokens and not text[len(a.prompt):].strip():
         print(f"mice generate: note: the {a.tokens} generated tokens are all white space; try another --prompt "
               "or a --temperature above 0", file=sys.stderr)

@@ -354,19 +354,26 @@ def copies_into_llama(model) -> bool:
 
 
 def _decode_row(name: str, run, B: int, N: int, bytes_per_step: float, gbs: float, timer: dict, note: str) -> Result:
-    "A row of the decode suite: per-step time (t_N - t_0) / N from `run(n)`, a generation of n new tokens."
-    lo = 1 if name.startswith("hf") else 0
+    """A row of the decode suite: per-step time (t_N - t_1) / (N - 1) from `run(n)`, a generation of n new tokens (the
+    first new token comes from the prefill's logits: a generation of n tokens takes n - 1 steps)."""
     full = time_fn(lambda: run(N), **timer)
-    base = time_fn(lambda: run(lo), **timer).median
-    step = Timing.of([max(t - base, 1e-6) / (N - lo) for t in full.samples])
+    base = time_fn(lambda: run(1), **timer).median
+    step = Timing.of([max(t - base, 1e-6) / (N - 1) for t in full.samples])
     floor = bytes_per_step / gbs / 1e6
     return Result(name, B, nbytes=bytes_per_step, fwd=step,
                   note=f"B={B} {note}; floor {floor:.3f} ms/step = {B / floor * 1e3:,.0f} tok/s")
 
 
+def _decode_model(name: str, preset: str, qk_norm: int, max_len: int, device, dtype):
+    "Model `name` at `preset` for the decode suite, QK-norm as `--opt qk_norm` asks, in evaluation mode."
+    torch.manual_seed(0)
+    return build_model(name, preset, qk_norm=bool(qk_norm), max_seq_len=max_len).to(device, dtype).eval()
+
+
 def decode_suite(args) -> list[Result]:
-    """Decode tokens/s of `generate` (sliced path, static step eager, static step compiled on CUDA) and of Hugging
-    Face's Llama with a static cache, per batch size, against the floor: the bytes a step reads over the copy rate."""
+    """Decode tokens/s of `generate` for every model of `--models` (sliced path, static step eager, static step
+    compiled on CUDA, where the model has them) and of Hugging Face's Llama with a static cache of the first model's
+    shape, per batch size, against the floor: the bytes a step reads over the copy rate."""
     cuda = args.device == "cuda"
     P, N = opt_int(args, "prompt", 1024 if cuda else 32), opt_int(args, "new", 128 if cuda else 8)
     batches, qk_norm = opt_ints(args, "batches", [1, 32] if cuda else [1, 2]), opt_int(args, "qk_norm", 0)
@@ -374,35 +381,38 @@ def decode_suite(args) -> list[Result]:
     for key, v in (("prompt", P), *(("batches", b) for b in batches)): check_int(f"--opt {key}", v)
     check_int("--opt new", N, low=2)
     for key, v in (("qk_norm", qk_norm), ("hf", with_hf)): check_int(f"--opt {key}", v, low=0, high=1)
-    name, preset = args.models[0], args.preset or ("base" if cuda else "tiny")
-    if name not in MODELS: raise ValueError(f"--models: unknown model {name!r}; expected one of: {', '.join(MODELS)}")
+    preset = args.preset or ("base" if cuda else "tiny")
+    if bad := [m for m in args.models if m not in MODELS]:
+        raise ValueError(f"--models: unknown model {bad[0]!r}; expected some of: {', '.join(MODELS)}")
     if preset not in PRESETS:
         raise ValueError(f"--preset: unknown preset {preset!r}; expected one of: {', '.join(PRESETS)}")
     device, dtype, env, _ = context(args)
-    torch.manual_seed(0)
-    model = build_model(name, preset, qk_norm=bool(qk_norm),
-                        max_seq_len=P + N).to(device, dtype).eval()
-    c, size = model.config, torch.finfo(dtype).bits // 8
+    models = {name: _decode_model(name, preset, qk_norm, P + N, device, dtype) for name in args.models}
+    first, size = models[args.models[0]], torch.finfo(dtype).bits // 8
     copy = replace(copy_result(device, warmup=args.warmup, repeat=args.repeat), env=env)
     timer = dict(warmup=args.warmup, repeat=args.repeat, device=device)
-    hf = hf_llama(model) if with_hf else None
+    hf = hf_llama(first) if with_hf else None
     check = ""
     if hf is not None: check = f"; transformers {__import__('transformers').__version__}, Llama's own random weights"
-    if hf is not None and copies_into_llama(model):
-        ids = torch.randint(c.vocab_size, (2, min(P, 64)), device=device)
-        with torch.no_grad(): err = (hf(ids).logits.float() - model(ids).float()).abs().max().item()
+    if hf is not None and copies_into_llama(first):
+        ids = torch.randint(first.config.vocab_size, (2, min(P, 64)), device=device)
+        with torch.no_grad(): err = (hf(ids).logits.float() - first(ids).float()).abs().max().item()
         check = check.replace("Llama's own random weights", f"weights copied, logits agree to {err:.1e}")
     rows = compare([copy], copy.name)
     for B in batches:
-        prompts = torch.randint(c.vocab_size, (B, P), generator=torch.Generator().manual_seed(B)).to(device)
-        kv = 2 * c.n_layers * B * c.n_kv_heads * c.head_dim * (P + (N + 1) / 2)
-        nbytes, note = size * (model.num_params() + kv), f"P={P} N={N} {name} {preset}, qk_norm={qk_norm}"
-        paths = {"sliced (static=False)": dict(static=False), "static eager": dict(static=True)}
-        if cuda: paths["static compiled (CUDA graphs)"] = dict(compile=True)
-        if not model.static_decode: paths = {k: v for k, v in paths.items() if v.get("static") is False}
-        group = [_decode_row(f"{label} B={B}", lambda n, kw=kw: generate(model, prompts, n, temperature=0, **kw),
-                             B, N, nbytes, copy.gbs, timer, note) for label, kw in paths.items()]
-        if hf is not None:
+        prompts = torch.randint(first.config.vocab_size, (B, P), generator=torch.Generator().manual_seed(B)).to(device)
+        group = []
+        for name, model in models.items():
+            c = model.config
+            kv = 2 * c.n_layers * B * c.n_kv_heads * c.head_dim * (P + (N + 1) / 2)
+            nbytes, note = size * (model.num_params() + kv), f"P={P} N={N} {name} {preset}, qk_norm={qk_norm}"
+            paths = {"sliced (static=False)": dict(static=False), "static eager": dict(static=True)}
+            if cuda: paths["static compiled (CUDA graphs)"] = dict(compile=True)
+            if not model.static_decode: paths = {k: v for k, v in paths.items() if v.get("static") is False}
+            group += [_decode_row(f"{name} {label} B={B}", lambda n, m=model, kw=kw: generate(m, prompts, n,
+                                  temperature=0, **kw), B, N, nbytes, copy.gbs, timer, note)
+                      for label, kw in paths.items()]
+            if name != args.models[0] or hf is None: continue
             mask = torch.ones_like(prompts)
             def hf_run(n):
                 with torch.no_grad():
@@ -410,7 +420,7 @@ def decode_suite(args) -> list[Result]:
                                        cache_implementation="static")
             group.append(_decode_row(f"hf llama static cache B={B}", hf_run, B, N, nbytes, copy.gbs, timer,
                                      note + check))
-        rows += compare(group, group[-1].name if hf is not None else group[0].name)
+        rows += compare(group, f"hf llama static cache B={B}" if hf is not None else group[0].name)
     return rows
 
 

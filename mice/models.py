@@ -20,12 +20,12 @@ from .geometric import GeometricConfig, GeometricMoE
 
 # %% auto #0
 __all__ = ['FAMILIES', 'MODELS', 'FIXED', 'PRESETS', 'EUCLIDEAN', 'ConvexFFNKind', 'DecoderConfig', 'Step', 'check_tokens',
-           'Decoder', 'DenseConfig', 'topk_experts', 'DenseBlock', 'DenseModel', 'DeepConfig', 'DeepState',
-           'deep_attention', 'deep_mlp', 'DeepBlock', 'DeepModel', 'Family', 'Size', 'register_family', 'family_of',
-           'register_model', 'model_config', 'build_model', 'matched_hidden', 'from_flat_config', 'v013_views',
-           'legacy_state_dict', 'load_legacy_state_dict', 'MGMConfig', 'mgm_mlp', 'MGMBlock', 'MGMModel',
-           'sampling_probs', 'next_tokens', 'check_generation', 'prompt_lists', 'decode_path', 'generate',
-           'ConvexConfig', 'ConvexFFN', 'ConvexBlock', 'ConvexModel']
+           'Decoder', 'score_flops', 'DenseConfig', 'topk_experts', 'DenseBlock', 'DenseModel', 'DeepConfig',
+           'DeepState', 'deep_attention', 'deep_mlp', 'DeepBlock', 'DeepModel', 'Family', 'Size', 'register_family',
+           'family_of', 'register_model', 'model_config', 'build_model', 'matched_hidden', 'from_flat_config',
+           'v013_views', 'legacy_state_dict', 'load_legacy_state_dict', 'MGMConfig', 'mgm_mlp', 'MGMBlock', 'MGMModel',
+           'sampling_probs', 'next_tokens', 'check_generation', 'stop_ids', 'check_attention_mask', 'prompt_lists',
+           'decode_path', 'generate', 'ConvexConfig', 'ConvexFFN', 'ConvexBlock', 'ConvexModel', 'counted_flops']
 
 # %% ../nbs/08_full_models.ipynb #5df49004
 @dataclass(frozen=True)
@@ -139,6 +139,7 @@ def _forward(self, idx: Tensor, cache: KVCache | None = None, valid: Tensor | No
     c = self.config
     check_tokens(idx, c.vocab_size, c.max_seq_len if cache is None else None)
     B, T = idx.shape
+    if cache is not None: self.check_cache(cache, B)
     start = 0 if cache is None else cache.length
     if cache is not None:
         if start + T > cache.max_len:
@@ -162,19 +163,33 @@ Decoder.forward = _forward
 
 # %% ../nbs/08_full_models.ipynb #abef0383
 def _matmul_flops(module: nn.Module) -> int:
-    "Forward FLOPs per token of `module`'s matmuls: `flops_per_token()` where a submodule has it, else 2 per weight."
+    """Forward FLOPs per token of `module`'s matmuls: `flops_per_token()` where a submodule has it, else 2 per weight
+    (a first layer's mu-guided attention: only its token half W, since U meets a constant mu_0 once per call)."""
     seen, total = set(), 0
     def visit(m: nn.Module):
         nonlocal total
         if m is not module and callable(getattr(m, "flops_per_token", None)):
             total += m.flops_per_token()
             return
+        if isinstance(m, (MuGuidedAttention, LegacyMuAttention)) and m.first_layer:
+            total += 2 * m.weights()[0].numel()
+            seen.update(id(lin.weight) for lin in (m.qkv, getattr(m, "mu_qkv", m.qkv)))
         if isinstance(m, nn.Linear) and id(m.weight) not in seen:
             seen.add(id(m.weight))
             total += 2 * m.weight.numel()
         for child in m.children(): visit(child)
     visit(module)
     return total
+
+
+def score_flops(attn: Attention, seq_len: int) -> int:
+    """Forward FLOPs per token of `attn`'s QK^T and AV at sequence length `seq_len`: 4 T H d_h over all T keys (the
+    non-causal count), or over the segment window L of a `MemoryAttention`, whose queries are padded to whole
+    segments (4 L H d_h ceil(T / L) L / T: exact when T is a multiple of L; its slots are the memory's own count)."""
+    qd = attn.n_heads * attn.head_dim
+    if not isinstance(attn, MemoryAttention): return 4 * seq_len * qd
+    L = attn.segment
+    return 4 * qd * L * (-(-seq_len // L) * L) // seq_len
 
 
 def _num_params(self, embedding: bool = True, active: bool = False) -> int:
@@ -184,9 +199,9 @@ def _num_params(self, embedding: bool = True, active: bool = False) -> int:
 
 
 def _flops_per_token(self, seq_len: int) -> int:
-    "Forward FLOPs per token at sequence length `seq_len`: the matmuls plus attention's 4 L T d. Training is 3x."
-    c = self.config
-    return _matmul_flops(self) + 4 * c.n_layers * seq_len * c.dim
+    "Forward FLOPs per token at sequence length `seq_len`: the matmuls plus each attention's. Training is 3x."
+    check_int("seq_len", seq_len)
+    return _matmul_flops(self) + sum(score_flops(m, seq_len) for m in self.modules() if isinstance(m, Attention))
 
 
 def _new_cache(self, batch: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
@@ -196,7 +211,22 @@ def _new_cache(self, batch: int, max_len: int | None = None, device=None, dtype=
                    device or p.device, dtype or p.dtype)
 
 
+def _check_cache(self, cache: KVCache, batch: int):
+    "Raise a clear error unless `cache` was made for this model's shape, `batch` rows and its device."
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache: expected a KVCache (model.new_cache(batch, max_len)), got {type(cache).__name__}")
+    c = self.config
+    want = dict(layers=c.n_layers, batch=batch, kv_heads=c.n_kv_heads, head_dim=c.head_dim)
+    got = dict(zip(("layers", "batch", "kv_heads", "max_len", "head_dim"), cache.k.shape))
+    if bad := [f"{k} {got[k]} (expected {v})" for k, v in want.items() if got[k] != v]:
+        raise ValueError(f"cache: made for another model or batch: {', '.join(bad)}; make it with "
+                         f"model.new_cache({batch}, max_len)")
+    if cache.k.device != self.embed.weight.device:
+        raise ValueError(f"cache: on {cache.k.device}, the model on {self.embed.weight.device}")
+
+
 Decoder.num_params, Decoder.flops_per_token, Decoder.new_cache = _num_params, _flops_per_token, _new_cache
+Decoder.check_cache = _check_cache
 
 # %% ../nbs/08_full_models.ipynb #2cf6545a
 @dataclass(frozen=True)
@@ -620,6 +650,7 @@ def _decode_step(self, tok: Tensor, cache: KVCache) -> Tensor:
     if not self.static_decode:
         raise ValueError(f"decode_step: {type(self).__name__} keeps a working memory that grows every step; "
                          "decode it with forward(tokens, cache)")
+    self.check_cache(cache, tok.shape[0])
     step = Step(cache.pos[:, None], cache.decode_mask(), cache.at, tok, cache)
     x, state = self.embed(tok), self.initial_state(tok)
     for block in self.blocks: x, state = block(x, step, state)
@@ -636,44 +667,81 @@ def _static_decode(self) -> bool:
 Decoder.decode_step, Decoder.static_decode = _decode_step, property(_static_decode)
 
 
-def sampling_probs(logits: Tensor, temperature: float, top_k: int | None = None) -> Tensor:
-    "The softmax of the top-`k` logits [B, vocab] over `temperature` > 0 (float32), the others at probability 0."
+def sampling_probs(logits: Tensor, temperature: float, top_k: int | None = None,
+                   top_p: float | None = None) -> Tensor:
+    """The softmax of `logits` [B, vocab] over `temperature` > 0 (float32), kept to the top-`k` tokens, then to the
+    nucleus (`top_p`: the fewest likeliest tokens whose probability reaches `top_p`) and renormalised; the rest at 0."""
     logits = logits.float() / temperature
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))
-    return logits.softmax(-1)
+    p = logits.softmax(-1)
+    if top_p is None or top_p >= 1: return p
+    sp, order = p.sort(-1, descending=True)
+    sp = sp.masked_fill(sp.cumsum(-1) - sp >= top_p, 0)        # the mass before it reaches top_p: outside the nucleus
+    p = torch.zeros_like(p).scatter_(-1, order, sp)
+    return p / p.sum(-1, keepdim=True)
 
 
 def next_tokens(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: torch.Generator | None = None, top_p: float | None = None) -> Tensor:
     """Next tokens [B, 1] from `logits` [B, vocab]: greedy at `temperature=0`, else a draw from `sampling_probs`,
     by `torch.multinomial`'s own one-sample path (argmax of p / q with q ~ Exp(1) from `generator`): the same tokens
     and generator state as `torch.multinomial(p, 1)`, without its host-side check of p."""
     if temperature == 0: return logits.argmax(-1, keepdim=True)
-    p = sampling_probs(logits, temperature, top_k)
+    p = sampling_probs(logits, temperature, top_k, top_p)
     return (p / torch.empty_like(p).exponential_(1, generator=generator)).argmax(-1, keepdim=True)
 
 # %% ../nbs/08_full_models.ipynb #bba1b816
+from collections.abc import Callable
 from numbers import Integral
 from .utils import check_number
 
 
 def check_generation(max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                     seed: int | None = None):
+                     seed: int | None = None, top_p: float | None = None):
     "The sampling arguments of `generate`, checked in this one place: a bad one gets a `ValueError` naming it."
     check_int("max_new_tokens", max_new_tokens, low=0)
     check_number("temperature", temperature, ge=0, lt=math.inf)
     if top_k is not None: check_int("top_k", top_k)
+    if top_p is not None: check_number("top_p", top_p, gt=0, le=1)
     if seed is not None: check_int("seed", seed, low=0)
+
+
+def stop_ids(eos, vocab_size: int) -> list[int] | None:
+    "`eos` (None, a token id or a list of them) as a list of ids in [0, vocab_size), or a clear error."
+    if eos is None: return None
+    ids = [eos] if isinstance(eos, Integral) else eos
+    if not (isinstance(ids, (list, tuple)) and ids and _is_ids(ids)) or not all(0 <= t < vocab_size for t in ids):
+        raise ValueError(f"eos: expected a token id or a non-empty list of them, in [0, {vocab_size}), got {eos!r}")
+    return [int(t) for t in ids]
 
 
 _PROMPTS = ("prompts: expected a list of token ids, a list of such lists, or an integer tensor [batch, T] "
            "(with an attention_mask [batch, T] marking its real tokens)")
+_MASK = ("attention_mask: expected 1 for a real token and 0 for padding, as an integer or bool tensor "
+         "(as tokenizers give)")
 
 
 def _is_ids(p) -> bool:
     return isinstance(p, (list, tuple)) and all(isinstance(t, Integral) and not isinstance(t, bool) for t in p)
+
+
+def check_attention_mask(attention_mask, prompts: Tensor) -> Tensor:
+    """`attention_mask` as a bool tensor on the CPU if it fits the id tensor `prompts`: the same shape, an integer or
+    bool dtype (int64 0/1 masks, the Hugging Face convention, are welcome), values 0 and 1, a real token in each row."""
+    if not isinstance(attention_mask, Tensor): raise TypeError(f"{_MASK}; got {type(attention_mask).__name__}")
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise TypeError(f"{_MASK}; got dtype {attention_mask.dtype}")
+    if attention_mask.shape != prompts.shape:
+        raise ValueError(f"attention_mask: expected the prompts' shape {tuple(prompts.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    mask = attention_mask.cpu()
+    if bad := [v for v in mask.unique().tolist() if v not in (0, 1)]: raise ValueError(f"{_MASK}; got value {bad[0]}")
+    mask = mask.bool()
+    if empty := [i for i, row in enumerate(mask) if not row.any()]:
+        raise ValueError(f"attention_mask: row {empty[0]} marks no real token (every prompt needs one)")
+    return mask
 
 
 def prompt_lists(prompts, attention_mask: Tensor | None = None) -> list[list[int]]:
@@ -682,18 +750,15 @@ def prompt_lists(prompts, attention_mask: Tensor | None = None) -> list[list[int
         if prompts.ndim != 2 or prompts.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{_PROMPTS}; got a tensor of shape {tuple(prompts.shape)} and dtype {prompts.dtype}")
         if attention_mask is None: return prompts.tolist()
-        if not isinstance(attention_mask, Tensor) or attention_mask.shape != prompts.shape:
-            got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
-            raise TypeError(f"attention_mask: expected a tensor of the prompts' shape {tuple(prompts.shape)}, "
-                            f"got {got}")
-        return [p[m].tolist() for p, m in zip(prompts.cpu(), attention_mask.cpu().bool())]
+        mask = check_attention_mask(attention_mask, prompts)
+        return [p[m].tolist() for p, m in zip(prompts.cpu(), mask)]
     if attention_mask is not None: raise TypeError("attention_mask: goes with a tensor of prompts only")
     if _is_ids(prompts) and len(prompts): return [list(prompts)]
     if isinstance(prompts, (list, tuple)) and all(_is_ids(p) for p in prompts): return [list(p) for p in prompts]
     raise TypeError(f"{_PROMPTS}; got {type(prompts).__name__}"
                     + (f" of {type(prompts[0]).__name__}" if isinstance(prompts, (list, tuple)) and prompts else ""))
 
-
+# %% ../nbs/08_full_models.ipynb #da9f827e
 def decode_path(model: Decoder, static: bool | None = None, compile: bool | dict = False) -> bool:
     "Whether `generate` takes the static step: `static` (None: where it is exact), checked against the model."
     if static is not None and not isinstance(static, bool):
@@ -727,22 +792,39 @@ def _static_cache(model: Decoder, batch: int, max_len: int, compile: bool | dict
     return cache, step
 
 
+def _check_finite(finite: Tensor):
+    "Raise if a row's logits were NaN or inf at some step (`finite` [B] on the device: one read of it)."
+    if not bool(finite.all()):
+        rows = (~finite).nonzero().flatten().tolist()
+        raise FloatingPointError(f"logits: NaN or inf in row(s) {rows}: the model's weights or activations are not "
+                                 "finite (a diverged checkpoint?); its tokens would be meaningless")
+
+# %% ../nbs/08_full_models.ipynb #ce780e07
 @torch.no_grad()
 def generate(model: Decoder, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              seed: int | None = None, attention_mask: Tensor | None = None, static: bool | None = None,
-             compile: bool | dict = False):
-    """Continue each prompt by `max_new_tokens` sampled tokens, using a KV cache. `prompts`: one list of token ids
-    (returns one list), a list of them (returns a list of lists), or an integer tensor [batch, T] whose real tokens
-    `attention_mask` marks (returns a tensor [batch, T + max_new_tokens]: the prompts as given, then the new tokens).
+             compile: bool | dict = False, top_p: float | None = None, eos: int | list[int] | None = None,
+             pad_id: int | None = None, stream: Callable[[list[int]], Any] | None = None):
+    """Continue each prompt by up to `max_new_tokens` sampled tokens, using a KV cache. `prompts`: one list of token
+    ids (returns one list), a list of them (returns a list of lists), or an integer tensor [batch, T] whose real tokens
+    `attention_mask` marks (returns a tensor [batch, T + new]: the prompts as given, then the new tokens).
+    Sampling: `temperature` (0: greedy), `top_k`, nucleus `top_p`, `seed`. `eos`: a token id (or a list) that ends a
+    row: its later tokens are `pad_id` (None: the first `eos`), lists end at their `eos`, and decoding stops once
+    every row has ended. `stream`: called after every step with each row's new token (a list of B ids), as they come.
     `static`: decode with the static step (`Decoder.decode_step`; None: wherever it is exact, False: the sliced
     path); `compile`: compile that step (True: CUDA graphs on CUDA, or a dict of `torch.compile` options)."""
     rows = prompt_lists(prompts, attention_mask)
-    check_generation(max_new_tokens, temperature, top_k, seed)
+    check_generation(max_new_tokens, temperature, top_k, seed, top_p)
+    if stream is not None and not callable(stream):
+        raise TypeError(f"stream: expected a function of each step's tokens (a list of ids), "
+                        f"got {type(stream).__name__}")
     static = decode_path(model, static, compile) and max_new_tokens > 0     # no step: the prefill alone
     if not rows or any(len(p) == 0 for p in rows): raise ValueError("prompts: every prompt needs a token (non-empty)")
     V = model.config.vocab_size
     if bad := [t for p in rows for t in p if not 0 <= t < V]:
         raise ValueError(f"prompts: token ids must lie in [0, {V}), got {bad[0]}")
+    stops = stop_ids(eos, V)
+    if pad_id is not None: check_int("pad_id", pad_id, low=0)
     device = next(model.parameters()).device
     B, T = len(rows), max(len(p) for p in rows)
     if T + max_new_tokens > model.config.max_seq_len:
@@ -757,14 +839,30 @@ def generate(model: Decoder, prompts, max_new_tokens: int, temperature: float = 
     else: cache, step = model.new_cache(B, T + max_new_tokens), lambda tok, c: model(tok, c)[:, -1]   # sliced
     logits = model(idx, cache, None if valid.all() else valid)[:, -1]
     if static: cache.begin_decode()
+    finite = torch.isfinite(logits).all(-1)
+    if stops is not None:
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        stop_t, pad = torch.tensor(stops, device=device), stops[0] if pad_id is None else pad_id
     out = []
-    for _ in range(max_new_tokens):
-        out.append(next_tokens(logits, temperature, top_k, gen))
+    for i in range(max_new_tokens):
+        tok = next_tokens(logits, temperature, top_k, gen, top_p)
+        if stops is not None:
+            tok = tok.masked_fill(done[:, None], pad)
+            done = done | torch.isin(tok[:, 0], stop_t)
+        out.append(tok)
+        if stream is not None:
+            _check_finite(finite)
+            stream(tok[:, 0].tolist())
+        if i + 1 == max_new_tokens or stops is not None and bool(done.all()): break   # no step whose logits go unused
         if compile: torch.compiler.cudagraph_mark_step_begin()
-        logits = step(out[-1], cache)
+        logits = step(tok, cache)
+        finite = finite & torch.isfinite(logits).all(-1)
+    _check_finite(finite)
     new = torch.cat(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=device)
     if isinstance(prompts, Tensor): return torch.cat([prompts.to(device), new.to(prompts.dtype)], 1)
-    full = [p + n for p, n in zip(rows, new.tolist())]
+    new = new.tolist()
+    if stops is not None: new = [n[:min([n.index(s) + 1 for s in stops if s in n], default=len(n))] for n in new]
+    full = [p + n for p, n in zip(rows, new)]
     return full if len(full) > 1 or not _is_ids(prompts) else full[0]
 
 # %% ../nbs/08_full_models.ipynb #756f1c86
@@ -882,3 +980,39 @@ register_family("convex", ConvexConfig, ConvexModel)
 register_model("convex", ConvexConfig(), fixed=("ffn",))
 register_model("convex_picnn", ConvexConfig(ffn="picnn"), fixed=("ffn",))
 register_model("convex_legacy", ConvexConfig(ffn="legacy", petals=2), fixed=("ffn",))
+
+# %% ../nbs/08_full_models.ipynb #0905fd68
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+class _OneHotMatmuls(TorchDispatchMode):
+    "Sums the FLOPs of `mm`s whose left operand is one-hot (a row gather written as a matmul)."
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.mm.default:
+            a, b = args
+            if ((a == 0) | (a == 1)).all() and (a.sum(1) == 1).all(): self.flops += 2 * a.numel() * b.shape[1]
+        return out
+
+
+def counted_flops(model: Decoder, seq_len: int, batch: int = 2, seed: int = 0) -> tuple[float, float]:
+    """(all, one-hot) forward matmul FLOPs per token that `FlopCounterMode` counts for `batch` random sequences of
+    `seq_len` tokens, in evaluation mode, SDPA on its math kernel; one-hot: those of row gathers written as matmuls."""
+    check_int("seq_len", seq_len)
+    check_int("batch", batch)
+    idx = torch.randint(model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+    idx = idx.to(model.embed.weight.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter: model(idx)
+        with _OneHotMatmuls() as onehot: model(idx)
+    finally: model.train(was_training)
+    n = batch * seq_len
+    return counter.get_total_flops() / n, onehot.flops / n

@@ -101,6 +101,14 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     (["generate", "--temperature", "inf"], "--temperature: expected a number >= 0 and < inf, got inf"),
     (["generate", "--top-k", "-2"], "--top-k: expected an integer >= 1"),
     (["generate", "--seed", "-1"], "--seed: expected an integer >= 0"),
+    (["generate", "--top-p", "0"], "--top-p: expected a number > 0 and <= 1, got 0.0"),
+    (["generate", "--top-p", "1.5"], "--top-p: expected a number > 0 and <= 1, got 1.5"),
+    (["generate", "--model", "nope"], "--model: unknown model 'nope'; expected one of: dense"),
+    (["generate", "--model", "dense", "--preset", "huge"], "--preset: unknown preset 'huge'"),
+    (["generate", "--model", "dense", "--checkpoint", "x.safetensors"], "--model: samples an untrained model; it goes "
+     "without --checkpoint"),
+    (["generate", "--set", "dim=64"], "--set: sets a field of --model's config"),
+    (["generate", "--model", "mu", "--set", "inl.dt=0.2"], "model 'mu' has no inl"),
     (["train", "--grad-clip", "-1"], "--grad-clip: expected a number > 0, got -1.0"),
     (["train", "--weight-decay", "-1"], "--weight-decay: expected a number >= 0"),
     (["train", "--lr", "inf"], "--lr: expected a number > 0 and < inf"),
@@ -117,6 +125,7 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     (["bench", "decode", "--device", "cpu", "--opt", "new=1"], "--opt new: expected an integer >= 2, got 1"),
     (["bench", "decode", "--device", "cpu", "--opt", "qk_norm=2"], "--opt qk_norm: expected an integer in [0, 1]"),
     (["bench", "decode", "--opt", "prompts=3"], "suite 'decode' reads no option 'prompts'; its options: prompt, new"),
+    (["bench", "decode", "--device", "cpu", "--models", "dense", "nope"], "--models: unknown model 'nope'"),
 ])
 def test_bad_arguments_give_one_clear_line(args, message):
     r = mice(*args)
@@ -384,3 +393,78 @@ def test_ddp_on_a_mix_splits_each_batch_between_ranks(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("validation:") == 1, "only rank 0 reports"
     assert ckpt_meta(tmp_path)["data_state"]["rows"] == {"cot": 8, "plays": 8}   # 2 steps x 2 ranks x 4 rows
+
+
+TINY = ["--set", "dim=32", "--set", "n_layers=1", "--set", "n_heads=2", "--set", "n_kv_heads=1"]
+
+
+@pytest.mark.parametrize("name", ["dense", "top2", "mu_inl", "routed", "mgm", "dense_mem", "convex", "convex_picnn"])
+def test_generate_samples_every_family(name):
+    "`mice generate --model NAME` samples an untrained model of any family (and says it is untrained)."
+    r = mice("generate", "--model", name, "--prompt", "ROMEO:", "--tokens", "6", "--seed", "2", *TINY)
+    assert r.returncode == 0 and r.stdout.startswith("ROMEO:"), r.stderr
+    assert f"--model {name}: an untrained model" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+class _Writes:
+    "A stdout that records every write and whether a flush followed it."
+    def __init__(self): self.writes, self.flushed = [], 0
+    def write(self, text): self.writes.append(text)
+    def flush(self): self.flushed += 1
+
+
+def test_generate_prints_the_text_as_it_comes(monkeypatch):
+    """`mice generate` prints every token's text when it is sampled (a write and a flush per step, a multi-byte
+    character once whole), and what it prints is the tokenizer's decoding of the prompt and every new token."""
+    import contextlib
+    from mice import cli
+    from mice.data import EOT, load_tokenizer
+    from mice.models import generate
+    seen = []
+    def spy(*args, **kw):
+        out = generate(*args, **kw)
+        seen.append(out)
+        return out
+    monkeypatch.setattr(cli, "generate", spy)
+    out = _Writes()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(_Writes()):
+        assert cli.main(["generate", "--model", "dense", "--prompt", "Caf\u00e9 \U0001f642", "--tokens", "12",
+                         "--temperature", "1.5", "--top-k", "0", "--top-p", "0.99", "--seed", "4", *TINY]) == 0
+    tok = load_tokenizer()
+    text = "".join(out.writes)
+    ids = seen[0]                                                       # one prompt: one list of ids back
+    assert text == tok.decode(ids) + "\n" and text.startswith("Caf\u00e9 \U0001f642")
+    assert ids[0] == tok.token_to_id(EOT) and len(ids) == len(tok.encode("Caf\u00e9 \U0001f642").ids) + 13
+    assert out.flushed >= 12 and len([w for w in out.writes if w]) >= 6, out.writes
+
+
+def test_text_stream_prints_multibyte_characters_whole():
+    "Fed one byte-level token at a time, `TextStream` prints accents, CJK and emoji whole, never a U+FFFD."
+    import io
+    from mice.cli import TextStream
+    from mice.data import load_tokenizer
+    tok = load_tokenizer()
+    text = "ROMEO: caf\u00e9 \u4e2d\u6587 \U0001f642\U0001f3b8 na\u00efve"
+    ids = tok.encode(text).ids
+    assert len(ids) > len(text.split())                          # several tokens for some characters
+    buf = io.StringIO()
+    s = TextStream(tok, ids[:1], file=buf)
+    pieces = []
+    for t in ids[1:]:
+        n = len(buf.getvalue())
+        s.add(t)
+        pieces.append(buf.getvalue()[n:])
+    assert s.finish() == text and buf.getvalue() == text + "\n"
+    assert not any("\ufffd" in p for p in pieces) and "" in pieces    # some tokens waited for the rest of a character
+
+
+def test_bench_decode_takes_every_family(tmp_path):
+    "`mice bench decode --models ...` times every family: the static step where exact, the sliced path everywhere."
+    names = ["dense", "mu_inl", "routed", "mgm", "convex"]
+    r = mice("bench", "decode", "--device", "cpu", "--models", *names, "--repeat", "1", "--warmup", "1", "--opt",
+             "batches=1", "--opt", "prompt=8", "--opt", "new=3", "--opt", "hf=0", "--out", tmp_path / "d.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [row["name"] for row in json.loads((tmp_path / "d.json").read_text())["results"]]
+    for name in names:
+        assert f"{name} sliced (static=False) B=1" in rows
+        assert (f"{name} static eager B=1" in rows) == (name != "mgm"), rows
