@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_geometric_experts.ipynb #972d3054
 from __future__ import annotations
-import functools, math
+import functools, itertools, math
 from dataclasses import dataclass
 from typing import Literal, get_args
 import torch
@@ -635,23 +635,45 @@ RouterKind = Literal["linear", "curvature"]
 class GeometricRouter(nn.Module):
     """Router logits [N, E] (float32) of rows `x` [N, dim]: `linear` is `W x`; `curvature` adds, per expert `e`,
     `-beta_e kappa_e |x|^2`, with `kappa_e` that expert's signed curvature (-c on the Poincare ball and the hyperboloid,
-    +c on the sphere, 0 for the flat types) and `beta` [E] learned (0 at init: the two start equal)."""
-    def __init__(self, dim: int, n_experts: int, kind: RouterKind = "curvature", init_std: float = 0.02):
+    +c on the sphere, 0 for the flat types) and `beta_e` learned (0 at init: the two start equal). `has_kappa` [E]
+    flags the experts whose `kappa_e` can be nonzero (default: all); a flat expert's `kappa_e` is always 0, so it gets
+    no `beta_e` (a weight there could never get a gradient): `beta` holds one value per flagged expert, in order."""
+    def __init__(self, dim: int, n_experts: int, kind: RouterKind = "curvature", init_std: float = 0.02,
+                 has_kappa: tuple | None = None):
         super().__init__()
         self.kind, self.init_std = check_choice("router", kind, get_args(RouterKind)), init_std
+        self.has_kappa = (True,) * n_experts if has_kappa is None else tuple(bool(c) for c in has_kappa)
+        if len(self.has_kappa) != n_experts:
+            raise ValueError(f"has_kappa: expected {n_experts} flags, one per expert, got {len(self.has_kappa)}")
+        self.runs = tuple((c, len(list(g))) for c, g in itertools.groupby(self.has_kappa))
         self.weight = nn.Parameter(torch.empty(n_experts, dim))
-        if kind == "curvature": self.beta = nn.Parameter(torch.empty(n_experts))
+        if kind == "curvature": self.beta = nn.Parameter(torch.empty(sum(self.has_kappa)))
         self.init_weights()
 
     def init_weights(self):
         nn.init.normal_(self.weight, std=self.init_std)
         if self.kind == "curvature": nn.init.zeros_(self.beta)
 
+    def expert_beta(self) -> Tensor:
+        "`beta` per expert [E] (float32): the learned value where `kappa_e` can be nonzero, 0 for a flat expert."
+        beta, parts, i = _wide(self.beta), [], 0
+        for learned, n in self.runs:          # runs of flat and curved experts (one per manifold type at most)
+            parts.append(beta[i:i + n] if learned else beta.new_zeros(n))
+            i += n if learned else 0
+        return torch.cat(parts)
+
     def forward(self, x: Tensor, kappa: Tensor | None = None) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(_wide(x), _wide(self.weight))
-            if self.kind == "curvature": logits = logits - _wide(self.beta) * kappa * _wide(x).square().sum(-1, True)
+            if self.kind == "curvature": logits = logits - self.expert_beta() * kappa * _wide(x).square().sum(-1, True)
         return logits
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        "A checkpoint from before `has_kappa` holds `beta` [E]; its flat experts' entries never trained (they stay 0)."
+        key, flags = prefix + "beta", self.has_kappa
+        if self.kind == "curvature" and key in state_dict and len(state_dict[key]) == len(flags) > len(self.beta):
+            state_dict[key] = state_dict[key][torch.tensor(flags, device=state_dict[key].device)]
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 # %% ../nbs/05_geometric_experts.ipynb #04cd08f9
 @dataclass(frozen=True)
@@ -729,7 +751,9 @@ class GeometricMoE(nn.Module):
         check_int("hidden", hidden)
         lo, hi = c.curvature_init
         self.config, self.dim, self.n_experts, self.k = c, dim, c.n_experts, c.top_k
-        self.router = GeometricRouter(dim, c.n_experts, c.router, init_std)
+        signed = [getattr(EXPERTS[m], "sign", None) != 0 for m in c.manifolds]      # product: its factors' mean
+        self.router = GeometricRouter(dim, c.n_experts, c.router, init_std,
+                                      tuple(s for s, n in zip(signed, c.counts()) for _ in range(n)))
         self.experts = GeometricExperts(dim, hidden, tuple(c.manifolds), c.counts(), (lo / dim, hi / dim), impl,
                                         init_std, out_std)
         self.shared = SwiGLU(dim, c.shared_hidden) if c.shared_hidden else None

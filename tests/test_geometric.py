@@ -7,11 +7,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from mice.geometric import (EXPERTS, GeometricConfig, GeometricMoE, PoincareExperts, ambient_dim, ball_eps,
-                            ball_boundary, lorentz_exp0, lorentz_inner, lorentz_linear, lorentz_log0, lorentz_project,
-                            mobius_add, phase_exp0, phase_log0, poincare_exp0, poincare_fc, poincare_log0,
-                            poincare_project, product_exp0, product_log0, reference_first, reference_geometric,
-                            simplex_exp0, simplex_log0, sphere_exp0, sphere_log0)
+from mice.geometric import (EXPERTS, GeometricConfig, GeometricMoE, GeometricRouter, PoincareExperts, ambient_dim,
+                            ball_eps, ball_boundary, lorentz_exp0, lorentz_inner, lorentz_linear, lorentz_log0,
+                            lorentz_project, mobius_add, phase_exp0, phase_log0, poincare_exp0, poincare_fc,
+                            poincare_log0, poincare_project, product_exp0, product_log0, reference_first,
+                            reference_geometric, simplex_exp0, simplex_log0, sphere_exp0, sphere_log0)
 from mice.routing import MoEConfig, TopKMoE, imbalance
 from mice.utils import dead_parameters
 
@@ -179,9 +179,12 @@ def test_gradients_match_the_float64_loop(manifolds):
     moe = _moe(manifolds, 2 * len(manifolds), 2)
     x = (0.5 * torch.randn(2, 12, 16, dtype=D64)).requires_grad_()
     g = torch.randn(2, 12, 16, dtype=D64)
-    fast = torch.autograd.grad(moe(x), [x, *moe.parameters()], g)
-    slow = torch.autograd.grad(reference_geometric(moe, x), [x, *moe.parameters()], g)
-    worst = max((a - b).abs().max().item() for a, b in zip(fast, slow))
+    ps = [x, *moe.parameters()]
+    fast = torch.autograd.grad(moe(x), ps, g, allow_unused=True)
+    slow = torch.autograd.grad(reference_geometric(moe, x), ps, g, allow_unused=True)
+    zero = [torch.zeros_like(p) for p in ps]           # the loop never touches an expert that no token chose
+    worst = max((a - b).abs().max().item() for a, b in zip(*(
+        [z if t is None else t for t, z in zip(grads, zero)] for grads in (fast, slow))))
     assert worst < 1e-10, worst
 
 
@@ -204,9 +207,33 @@ def test_gradient_reaches_router_every_curvature_and_weight():
     assert dead_parameters(moe) == []
     curv = [p.grad for n, p in moe.named_parameters() if "curvature" in n]
     assert len(curv) == 7 and all((g != 0).all() for g in curv)               # product: a ball and a sphere
-    assert moe.router.weight.grad.abs().sum() > 0 and moe.router.beta.grad.abs().sum() > 0
+    # every beta with a nonzero kappa: the last is the product's, whose kappa (a mean of the ball's -c and the
+    # sphere's +c, which start equal) is 0 at init
+    assert moe.router.weight.grad.abs().sum() > 0 and (moe.router.beta.grad[:-1] != 0).all()
     assert {n for n, _ in moe.named_parameters() if "router" in n} == {"router.weight", "router.beta"}
     assert all(n.startswith(("router.", "experts.", "shared.")) for n, _ in moe.named_parameters())
+
+
+def test_beta_only_for_curved_experts_and_old_checkpoints_load():
+    """The curvature router learns beta_e only where kappa_e can be nonzero; a state dict from before (beta of every
+    expert, the flat ones never trained) loads, and gives the same logits."""
+    torch.manual_seed(0)
+    c = GeometricConfig(n_experts=6, manifolds=("euclidean", "poincare", "simplex", "sphere"), top_k=2)
+    moe = GeometricMoE(16, 16, c)
+    flags = tuple(m in ("poincare", "sphere") for m in moe.experts.expert_types())     # simplex: kappa = 0 too
+    assert moe.router.has_kappa == flags and moe.router.beta.shape == (sum(flags),)
+    with torch.no_grad(): moe.router.beta.normal_()
+    old = {k: v.clone() for k, v in moe.state_dict().items()}
+    full = torch.zeros(6)
+    full[torch.tensor(flags)] = old["router.beta"]
+    old["router.beta"] = full
+    again = GeometricMoE(16, 16, c)
+    again.load_state_dict(old)
+    x = torch.randn(10, 16)
+    kappa = moe.experts.kappa()
+    assert torch.equal(again.router(x, kappa), moe.router(x, kappa))
+    assert torch.equal(moe.router.expert_beta()[~torch.tensor(flags)], torch.zeros(6 - sum(flags)))
+    with pytest.raises(ValueError, match="has_kappa: expected 6 flags"): GeometricRouter(16, 6, has_kappa=(True,) * 5)
 
 
 def test_bf16_autocast_and_fp32_curvature():

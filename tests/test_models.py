@@ -214,8 +214,6 @@ DEAD_BY_DESIGN = {
     "convex_legacy": (r"blocks\.\d+\.ffn\.net\.shifts",
                       "torch-mice 0.5.0's hull at 2 petals: both cyclic pairs average the same two petals, so the max "
                       "always takes the larger shift and the other one gets nothing"),
-    "mgm": (r"blocks\.\d+\.mlp\.router\.beta", "beta_e kappa_e |x|^2 of a flat expert: kappa_e = 0 (euclidean)"),
-    "mgm_nomem": (r"blocks\.\d+\.mlp\.router\.beta", "beta_e kappa_e |x|^2 of a flat expert: kappa_e = 0 (euclidean)"),
 }
 
 
