@@ -12,14 +12,14 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 from torch import Tensor
-from .utils import atomic_write, config_from_dict
+from .utils import atomic_write, config_from_dict, read_safetensors, tensor_bytes, tied_names
 from .blocks import KVCache, RotaryEmbedding
 from .data import EOT, load_tokenizer
 from .models import FAMILIES, MODELS, Decoder, DecoderConfig, family_of
 
 # %% auto #0
 __all__ = ['PRETRAINED_FORMAT', 'CONFIG_NAME', 'WEIGHTS_NAME', 'PREFIX', 'EOT_ID', 'STEMS', 'MIRRORS', 'IGNORED_LOAD_ARGS',
-           'family_stem', 'pretrained_config', 'tensor_sha256', 'aliases', 'save_pretrained', 'check_pretrained_config',
+           'family_stem', 'pretrained_config', 'tensor_sha256', 'save_pretrained', 'check_pretrained_config',
            'read_config', 'read_weights', 'load_weights', 'saved_dtype', 'from_pretrained', 'require_transformers',
            'map_batch', 'grown_cache', 'new_valid', 'check_positions', 'hf_classes', 'register_hf', 'to_hf',
            'hf_tokenizer']
@@ -59,25 +59,17 @@ def pretrained_config(model: Decoder, name: str | None = None) -> dict:
 def tensor_sha256(t: Tensor) -> str:
     "SHA-256 of tensor `t`'s dtype, shape and bytes (as stored: contiguous, on the CPU)."
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(tensor_bytes(t))
     return h.hexdigest()
-
-
-def aliases(model: nn.Module) -> dict[str, str]:
-    "State-dict names that name a tensor an earlier name already holds (a tied head), each with that first name."
-    first, out = {}, {}
-    for k, v in model.state_dict(keep_vars=True).items():
-        if id(v) in first: out[k] = first[id(v)]
-        else: first[id(v)] = k
-    return out
 
 
 def save_pretrained(model: Decoder, directory: str | Path, name: str | None = None) -> Path:
     """Write `model` to `directory`: `model.safetensors` (each tensor once, named `model.<state name>`, its SHA-256 in
     the header) and `config.json` (`pretrained_config`), each atomically. Returns the directory."""
     from safetensors.torch import save
-    config, alias = pretrained_config(model, name), aliases(model)
-    tensors = {PREFIX + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in alias}
+    config, state = pretrained_config(model, name), model.state_dict()
+    tied = tied_names(state)
+    tensors = {PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items() if k not in tied}
     sums = json.dumps({k: tensor_sha256(t) for k, t in sorted(tensors.items())})
     config["weights_sha256"] = hashlib.sha256(sums.encode()).hexdigest()
     directory = Path(directory)
@@ -127,15 +119,9 @@ def read_config(directory: str | Path) -> tuple[DecoderConfig, str | None, dict]
 def read_weights(directory: str | Path, digest: str | None = None) -> dict[str, Tensor]:
     """The tensors of `directory`'s `model.safetensors`, each verified against the SHA-256 its header records (and the
     list against `digest`, the `weights_sha256` of the config beside it, when given)."""
-    from safetensors import safe_open
-    from safetensors.torch import load
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file(): raise FileNotFoundError(f"{path} not found: not a model directory (see save_pretrained)")
-    try:
-        tensors = load(path.read_bytes())
-        with safe_open(str(path), "pt") as f: header = f.metadata() or {}
-    except Exception as e: raise ValueError(f"{path} is truncated or corrupted: not a readable safetensors file "
-                                            f"({type(e).__name__}: {e})") from None
+    tensors, header = read_safetensors(path)
     try: sums = json.loads(header["sha256"])
     except (KeyError, ValueError): raise ValueError(f"{path}: its header records no SHA-256 per tensor "
                                                     "(not written by mice.hf.save_pretrained)") from None
@@ -153,8 +139,9 @@ def read_weights(directory: str | Path, digest: str | None = None) -> dict[str, 
 def load_weights(model: Decoder, tensors: dict[str, Tensor], where: str = WEIGHTS_NAME) -> Decoder:
     """Load `tensors` (named `model.<state name>`) into `model` strictly: every state tensor but the tied aliases,
     nothing else, each of the model's shape (a ValueError naming `where` otherwise)."""
-    alias = aliases(model)
-    own = {PREFIX + k: v for k, v in model.state_dict(keep_vars=True).items() if k not in alias}
+    state = model.state_dict(keep_vars=True)
+    tied = tied_names(state)
+    own = {PREFIX + k: v for k, v in state.items() if k not in tied}
     def some(names): return f"{names[:3]}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     if missing := sorted(set(own) - set(tensors)):
         raise ValueError(f"{where}: missing tensor(s) {some(missing)} of {type(model).__name__}")

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .utils import atomic_write, autocast, check_choice, check_int, check_number, config_from_dict
+from .utils import (atomic_write, autocast, check_choice, check_int, check_number, config_from_dict,
+                        read_safetensors, tensor_bytes, tied_names)
 from .data import (EOT, bits_per_byte, get_batch, iter_eval_batches, load_tokenizer, token_bytes, token_ids,
                        tokenizer_digest)
 from .models import (FAMILIES, MODELS, PRESETS, Decoder, DecoderConfig, build_model, family_of, from_flat_config,
@@ -164,7 +165,7 @@ def _digest(tensors: dict[str, Tensor], header: dict[str, str]) -> str:
     for k in sorted(tensors):
         t = tensors[k]
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(tensor_bytes(t))
     return h.hexdigest()
 
 
@@ -175,12 +176,9 @@ def save_checkpoint(path: str | Path, model: nn.Module | dict, optimizer: torch.
     `meta`, a library model records what `load_model` needs to rebuild it (`model_meta`)."""
     from safetensors.torch import save
     if meta is None and isinstance(model, Decoder): meta = model_meta(None, model)
-    tensors, seen = {}, set()
     state = model if isinstance(model, dict) else model.state_dict()
-    for k, v in state.items():                        # tied weights: keep the first name of each storage
-        if (key := (v.data_ptr(), v.shape)) not in seen:
-            seen.add(key)
-            tensors[f"model.{k}"] = v.detach().cpu().contiguous()
+    tied = tied_names(state)                          # tied weights: keep the first name of each tensor
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in state.items() if k not in tied}
     groups = None
     if optimizer is not None:
         sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
@@ -206,15 +204,9 @@ class Checkpoint:
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     "Read and verify a checkpoint written by `save_checkpoint`; clear errors for missing, foreign or corrupted files."
-    from safetensors import safe_open
-    from safetensors.torch import load
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
-    data = path.read_bytes()
-    try:
-        tensors = load(data)
-        with safe_open(str(path), "pt") as f: header = f.metadata() or {}
-    except Exception as e: raise ValueError(f"checkpoint {path} is corrupted or not a safetensors file ({e})") from None
+    tensors, header = read_safetensors(path)
     if header.get("format") != CKPT_FORMAT:
         raise ValueError(f"{path} is not a mice checkpoint (format {header.get('format')!r}, expected {CKPT_FORMAT!r})")
     if (got := _digest(tensors, header)) != header.get("sha256"):

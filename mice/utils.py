@@ -14,8 +14,9 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['check_int', 'check_number', 'check_choice', 'host_checks', 'check_tensor', 'check_token_ids', 'num_params',
-           'dead_parameters', 'dead_elements', 'autocast', 'compute_dtype', 'atomic_write', 'nested_configs',
-           'replace_config', 'config_from_dict', 'parse_assignment', 'parse_assignments']
+           'dead_parameters', 'dead_elements', 'autocast', 'compute_dtype', 'atomic_write', 'tensor_bytes',
+           'tied_names', 'read_safetensors', 'nested_configs', 'replace_config', 'config_from_dict', 'parse_assignment',
+           'parse_assignments']
 
 # %% ../nbs/foundation/00_utils.ipynb #720c5c67
 def check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
@@ -143,6 +144,37 @@ def atomic_write(path: str | Path, data: bytes) -> Path:
     try: os.fsync(dir_fd)
     finally: os.close(dir_fd)
     return path
+
+# %% ../nbs/foundation/00_utils.ipynb #e3e89b24
+def tensor_bytes(t: Tensor) -> bytes:
+    "The bytes of tensor `t` as stored (contiguous, on the CPU), for a digest; any dtype, bfloat16 included."
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def tied_names(state: dict[str, Tensor]) -> dict[str, str]:
+    """The names of `state` (a state dict) whose tensor an earlier name already holds (the same storage, shape and
+    dtype: a tied weight), each with that first name. An empty tensor ties to nothing."""
+    first, out = {}, {}
+    for k, v in state.items():
+        key = (v.data_ptr(), tuple(v.shape), v.dtype)
+        if v.numel() and key in first: out[k] = first[key]
+        elif v.numel(): first[key] = k
+    return out
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and header metadata of the safetensors file `path`; a ValueError naming it when it is truncated or
+    otherwise unreadable (a FileNotFoundError when it does not exist)."""
+    from safetensors import safe_open
+    from safetensors.torch import load
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        tensors = load(data)
+        with safe_open(str(path), "pt") as f: header = f.metadata() or {}
+    except Exception as e: raise ValueError(f"{path} is truncated or corrupted: not a readable safetensors file "
+                                            f"({type(e).__name__}: {e})") from None
+    return tensors, header
 
 # %% ../nbs/foundation/00_utils.ipynb #ce245c66
 def _field_types(cls) -> dict:

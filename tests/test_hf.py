@@ -8,10 +8,11 @@ import sys
 import pytest
 import torch
 
-from mice.hf import (CONFIG_NAME, EOT_ID, WEIGHTS_NAME, aliases, from_pretrained, pretrained_config, read_config,
+from mice.hf import (CONFIG_NAME, EOT_ID, WEIGHTS_NAME, from_pretrained, pretrained_config, read_config,
                      save_pretrained)
 from mice.models import FAMILIES, MODELS, MGMConfig, MGMModel, build_model, family_of, generate
 from mice.geometric import GeometricConfig
+from mice.utils import tied_names
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SHAPE = dict(vocab_size=4096, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
@@ -55,7 +56,7 @@ def test_round_trip_is_bitwise(name, tmp_path):
 
 def test_untied_head_and_dtype(tmp_path):
     untied = moved("dense", tie_embeddings=False)
-    assert aliases(untied) == {}
+    assert tied_names(untied.state_dict()) == {}
     back = from_pretrained(save_pretrained(untied, tmp_path / "a"))
     assert back.head.weight is not back.embed.weight and torch.equal(back.head.weight, untied.head.weight)
     half = moved("mu_inl").to(torch.bfloat16)
