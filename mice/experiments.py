@@ -8,6 +8,7 @@ import json, math, os, statistics, tempfile, time
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Literal, get_args
 import numpy as np
@@ -25,10 +26,17 @@ __all__ = ['MatchParams', 'TOKEN_CLASSES', 'tokens_to_target', 'summarize_runs',
            'copies_into_llama', 'decode_suite']
 
 # %% ../nbs/09_experiments.ipynb #6f6e3516
-def _one_run(c: dict) -> dict:
-    "Train one `TrainConfig` (given as a dict, so it can cross a process boundary); its result without the sample."
+def _one_run(c: dict, may_diverge: bool = False) -> dict:
+    """Train one `TrainConfig` (given as a dict, so it can cross a process boundary); its result without the sample.
+    With `may_diverge` (a learning-rate sweep), a run whose loss turns non-finite is a result, not an error: its
+    `val_bpb` is infinite and `diverged` says at which step."""
     torch.set_num_threads(max(1, int(os.environ.get("MICE_THREADS_PER_RUN", torch.get_num_threads()))))
-    r = train(TrainConfig(**c), progress=False, log=lambda *a: None)
+    t0 = time.perf_counter()
+    try: r = train(TrainConfig(**c), progress=False, log=lambda *a: None)
+    except FloatingPointError as e:
+        if not may_diverge: raise
+        return {"model": c["model"], "seed": c["seed"], "lr": c["lr"], "val_bpb": math.inf, "diverged": str(e),
+                "seconds": time.perf_counter() - t0}
     r.pop("sample", None)
     return {"model": c["model"], "seed": c["seed"], "lr": c["lr"], "hidden": r["mlp_hidden"], **r}
 
@@ -95,19 +103,20 @@ def _matched_widths(models: list[str], base: TrainConfig, kw: dict, active: bool
     return hidden
 
 
-def _run_all(configs: list[dict], jobs: int, log, what: str) -> list[dict]:
-    "Train every config (in `jobs` processes), logging one line per finished run that names it."
+def _run_all(configs: list[dict], jobs: int, log, what: str, may_diverge: bool = False) -> list[dict]:
+    """Train every config (in `jobs` processes), logging one line per finished run that names it. `may_diverge`: a
+    run whose loss turns non-finite is kept as a diverged result (see `_one_run`) instead of stopping them all."""
     def line(i, r):
-        log(f"  {what} {i}/{len(configs)} {r['model']} seed {r['seed']} lr {r['lr']:g}: {r['val_bpb']:.4f} "
-            f"bits/byte, {r['seconds']:.0f} s")
-    runs = []
+        how = f"diverged ({r['diverged']})" if "diverged" in r else f"{r['val_bpb']:.4f} bits/byte"
+        log(f"  {what} {i}/{len(configs)} {r['model']} seed {r['seed']} lr {r['lr']:g}: {how}, {r['seconds']:.0f} s")
+    runs, one = [], partial(_one_run, may_diverge=may_diverge)
     if jobs == 1:
         for i, c in enumerate(configs, 1):
-            runs.append(_one_run(c))
+            runs.append(one(c))
             line(i, runs[-1])
         return runs
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
-        for i, r in enumerate(ex.map(_one_run, configs), 1):
+        for i, r in enumerate(ex.map(one, configs), 1):
             runs.append(r)
             line(i, r)
     return runs
@@ -151,8 +160,10 @@ def compare_runs(models: list[str], seeds: list[int], base: TrainConfig | None =
     sweep, best = {}, {m: base.lr for m in models}
     if lrs is not None:
         log(f"compare: learning-rate sweep, {len(models) * len(lrs)} runs of {tokens:,} tokens (seed {sweep_seed})")
-        for r in _run_all([config(m, sweep_seed, lr) for m in models for lr in lrs], jobs, log, "sweep"):
+        for r in _run_all([config(m, sweep_seed, lr) for m in models for lr in lrs], jobs, log, "sweep", True):
             sweep.setdefault(r["model"], {})[r["lr"]] = r["val_bpb"]
+        if failed := [m for m in models if not any(map(math.isfinite, sweep[m].values()))]:
+            raise FloatingPointError(f"every learning rate of --lrs {lrs} diverged for {failed}: add smaller ones")
         best = {m: min(sweep[m], key=sweep[m].get) for m in models}
         log("compare: best learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in best.items()))
     configs = [config(m, s, best[m]) for s in seeds for m in models]
@@ -167,7 +178,8 @@ def compare_runs(models: list[str], seeds: list[int], base: TrainConfig | None =
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_seconds": time.perf_counter() - t0}
     result = {"models": models, "seeds": seeds, "tokens_per_run": tokens, "match_params": match_params,
               "train_config": asdict(base), "env": env, "lr": best,
-              "sweep": {m: {f"{lr:g}": b for lr, b in d.items()} for m, d in sweep.items()} if lrs else None,
+              "sweep": {m: {f"{lr:g}": b if math.isfinite(b) else None for lr, b in d.items()}   # None: diverged
+                        for m, d in sweep.items()} if lrs else None,
               "sweep_seed": sweep_seed if lrs else None, **summarize_runs(runs, models), "runs": runs}
     if out is not None: atomic_write(Path(out), json.dumps(result, indent=1).encode())
     return result
@@ -315,6 +327,7 @@ def model_suite(args) -> list[Result]:
 # %% ../nbs/09_experiments.ipynb #57114abe
 from .bench import Timing, copy_result, opt_int, opt_ints
 from .models import DenseModel, generate
+from .hf import to_hf
 
 
 def hf_llama(model):
@@ -353,15 +366,18 @@ def copies_into_llama(model) -> bool:
     return isinstance(model, DenseModel) and model.config.moe is None and not model.config.qk_norm
 
 
-def _decode_row(name: str, run, B: int, N: int, bytes_per_step: float, gbs: float, timer: dict, note: str) -> Result:
-    """A row of the decode suite: per-step time (t_N - t_1) / (N - 1) from `run(n)`, a generation of n new tokens (the
-    first new token comes from the prefill's logits: a generation of n tokens takes n - 1 steps)."""
-    full = time_fn(lambda: run(N), **timer)
-    base = time_fn(lambda: run(1), **timer).median
-    step = Timing.of([max(t - base, 1e-6) / (N - 1) for t in full.samples])
+def _decode_row(name: str, run, B: int, P: int, N: int, bytes_per_step: float, gbs: float, timer: dict,
+                note: str) -> tuple[Result, Result]:
+    """Two rows of the decode suite from `run(n)`, a generation of n new tokens after a prompt of P tokens: the decode
+    step, (t_N - t_1) / (N - 1) (the first new token comes from the prefill's logits: a generation of n tokens takes
+    n - 1 steps), and the prefill, t_1 (the prompt's B x P tokens and the first new token)."""
+    full, first = time_fn(lambda: run(N), **timer), time_fn(lambda: run(1), **timer)
+    step = Timing.of([max(t - first.median, 1e-6) / (N - 1) for t in full.samples])
     floor = bytes_per_step / gbs / 1e6
-    return Result(name, B, nbytes=bytes_per_step, fwd=step,
-                  note=f"B={B} {note}; floor {floor:.3f} ms/step = {B / floor * 1e3:,.0f} tok/s")
+    return (Result(name, B, nbytes=bytes_per_step, fwd=step,
+                   note=f"B={B} {note}; floor {floor:.3f} ms/step = {B / floor * 1e3:,.0f} tok/s"),
+            Result(name.replace(f" B={B}", f" prefill B={B}"), B * P, fwd=first,
+                   note=f"B={B} {note}; prefill of {B} x {P} prompt tokens and the first new token"))
 
 
 def _decode_model(name: str, preset: str, qk_norm: int, max_len: int, device, dtype):
@@ -371,9 +387,10 @@ def _decode_model(name: str, preset: str, qk_norm: int, max_len: int, device, dt
 
 
 def decode_suite(args) -> list[Result]:
-    """Decode tokens/s of `generate` for every model of `--models` (sliced path, static step eager, static step
-    compiled on CUDA, where the model has them) and of Hugging Face's Llama with a static cache of the first model's
-    shape, per batch size, against the floor: the bytes a step reads over the copy rate."""
+    """Decode and prefill tokens/s of `generate` for every model of `--models` (sliced path, static step eager, static
+    step compiled on CUDA, where the model has them), of Hugging Face's `generate` on the same model through its
+    `mice.hf` wrapper, and of Hugging Face's Llama with a static cache of the first model's shape, per batch size,
+    against the floor: the bytes a step reads over the copy rate."""
     cuda = args.device == "cuda"
     P, N = opt_int(args, "prompt", 1024 if cuda else 32), opt_int(args, "new", 128 if cuda else 8)
     batches, qk_norm = opt_ints(args, "batches", [1, 32] if cuda else [1, 2]), opt_int(args, "qk_norm", 0)
@@ -401,7 +418,10 @@ def decode_suite(args) -> list[Result]:
     rows = compare([copy], copy.name)
     for B in batches:
         prompts = torch.randint(first.config.vocab_size, (B, P), generator=torch.Generator().manual_seed(B)).to(device)
-        group = []
+        mask, group = torch.ones_like(prompts), []
+        def hf_generate(model, n, **kw):
+            with torch.no_grad():
+                return model.generate(prompts, attention_mask=mask, max_new_tokens=n, do_sample=False, **kw)
         for name, model in models.items():
             c = model.config
             kv = 2 * c.n_layers * B * c.n_kv_heads * c.head_dim * (P + (N + 1) / 2)
@@ -410,17 +430,19 @@ def decode_suite(args) -> list[Result]:
             if cuda: paths["static compiled (CUDA graphs)"] = dict(compile=True)
             if not model.static_decode: paths = {k: v for k, v in paths.items() if v.get("static") is False}
             group += [_decode_row(f"{name} {label} B={B}", lambda n, m=model, kw=kw: generate(m, prompts, n,
-                                  temperature=0, **kw), B, N, nbytes, copy.gbs, timer, note)
+                                  temperature=0, **kw), B, P, N, nbytes, copy.gbs, timer, note)
                       for label, kw in paths.items()]
-            if name != args.models[0] or hf is None: continue
-            mask = torch.ones_like(prompts)
-            def hf_run(n):
-                with torch.no_grad():
-                    return hf.generate(prompts, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                                       cache_implementation="static")
-            group.append(_decode_row(f"hf llama static cache B={B}", hf_run, B, N, nbytes, copy.gbs, timer,
-                                     note + check))
-        rows += compare(group, f"hf llama static cache B={B}" if hf is not None else group[0].name)
+            if hf is None: continue
+            wrapped = to_hf(model, name)
+            wrapped.generation_config.eos_token_id = None          # every run makes exactly n tokens
+            group.append(_decode_row(f"{name} hf generate (mice.hf) B={B}", partial(hf_generate, wrapped), B, P, N,
+                                     nbytes, copy.gbs, timer, note + "; Hugging Face's generate, our cache"))
+            if name != args.models[0]: continue
+            group.append(_decode_row(f"hf llama static cache B={B}", partial(hf_generate, hf,
+                                     cache_implementation="static"), B, P, N, nbytes, copy.gbs, timer, note + check))
+        baseline = f"hf llama static cache B={B}" if hf is not None else group[0][0].name
+        rows += compare([r for r, _ in group], baseline)
+        rows += compare([r for _, r in group], baseline.replace(f" B={B}", f" prefill B={B}"))
     return rows
 
 
