@@ -327,8 +327,14 @@ IGNORED_LOAD_ARGS = {"trust_remote_code", "local_files_only", "low_cpu_mem_usage
                      "attn_implementation", "code_revision", "subfolder", "cache_dir"}
 
 
-def _load_directory(cls, path: Path, config=None, dtype=None, torch_dtype=None, device_map=None, **kwargs):
-    "The body of `MiceForCausalLM.from_pretrained` for a local model directory."
+def _load_directory(cls, path: Path, config=None, dtype=None, torch_dtype=None, device_map=None, adapter_kwargs=None,
+                    **kwargs):
+    """The body of `MiceForCausalLM.from_pretrained` for a local model directory. `adapter_kwargs`: what `transformers`
+    passes when `peft` is installed (hub options, and the adapter's path when the directory holds one): a directory
+    with a PEFT adapter is refused."""
+    if adapter_kwargs and adapter_kwargs.get("_adapter_model_path"):
+        raise TypeError(f"{path}: holds a PEFT adapter (adapter_config.json); {cls.__name__} loads mice model "
+                        "directories without adapters")
     if bad := sorted(k for k, v in kwargs.items() if k not in IGNORED_LOAD_ARGS and v is not None and v is not False):
         raise TypeError(f"{', '.join(bad)}: not supported by {cls.__name__}.from_pretrained of a mice model directory")
     dtype = dtype if dtype is not None else torch_dtype
