@@ -409,8 +409,10 @@ def _compare(a) -> dict:
     r = compare_runs(a.models, a.seeds, c, match_params=a.match_params, jobs=jobs, out=out, lrs=a.lrs)
     if r["sweep"]:
         for m, sw in r["sweep"].items():
-            print(f"{m:>8s} sweep: " + ", ".join(f"lr {k}: {v:.4f}" for k, v in sw.items()) + f"  -> lr {r['lr'][m]:g}")
-    print(f"target: {r['target_bpb']:.4f} bits/byte (the mean final of {a.models[0]!r})")
+            print(f"{m:>8s} sweep: " + ", ".join(f"lr {k}: " + ("diverged" if v is None else f"{v:.4f}")
+                                                 for k, v in sw.items()) + f"  -> lr {r['lr'][m]:g}")
+    if r["target_bpb"] is None: print("target: none (the runs' learning curves read different validation tokens)")
+    else: print(f"target: {r['target_bpb']:.4f} bits/byte (the mean final point of {a.models[0]!r}'s learning curves)")
     for m, s in r["summary"].items():
         d = "" if m == a.models[0] else f"  delta {s['delta_bpb_mean']:+.4f} +- {s['delta_bpb_std']:.4f}"
         ttt = "not reached" if s["tokens_to_target"] is None else \

@@ -54,29 +54,45 @@ def tokens_to_target(tokens: list[float], bpb: list[float], target: float) -> fl
 def _mean_std(xs): return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 # %% ../nbs/09_experiments.ipynb #1709e96c
-def _summary(rs: list[dict], target: float, base_seeds: dict) -> dict:
-    "One model's runs (sorted by seed): sizes, final bpb, the paired difference, the mean curve and tokens to target."
+def _curve(r: dict) -> list[float] | None:
+    """Run `r`'s learning curve, one value per evaluation, every one on the same validation tokens: the points'
+    `curve_bpb`, or their `val_bpb` where all read as many tokens; None where they did not (a run recorded before
+    `curve_bpb` existed, whose last point read the whole split and the others its first `eval_tokens`)."""
+    h = r["history"]
+    if all("curve_bpb" in p for p in h): return [p["curve_bpb"] for p in h]
+    return [p["val_bpb"] for p in h] if len({p.get("val_tokens") for p in h}) == 1 else None
+
+
+def _summary(rs: list[dict], target: float | None, base_seeds: dict) -> dict:
+    """One model's runs (sorted by seed): sizes, final bpb, the paired difference, the mean curve and tokens to target
+    (None, and `curve_same_tokens` False, where the curves' points read different validation tokens)."""
     steps = [h["tokens"] for h in rs[0]["history"]]
     if any([h["tokens"] for h in r["history"]] != steps for r in rs):
         raise ValueError(f"runs of {rs[0]['model']!r} evaluated at different steps")
-    curve = [statistics.fmean(r["history"][i]["val_bpb"] for r in rs) for i in range(len(steps))]
+    curves = [_curve(r) for r in rs]
+    same = target is not None and all(c is not None for c in curves)
+    if not same: curves = [[h["val_bpb"] for h in r["history"]] for r in rs]
+    curve = [statistics.fmean(c[i] for c in curves) for i in range(len(steps))]
     diffs = [r["val_bpb"] - base_seeds[r["seed"]] for r in rs if r["seed"] in base_seeds]
     mean, std = _mean_std([r["val_bpb"] for r in rs])
-    reaching = sum(tokens_to_target(steps, [h["val_bpb"] for h in r["history"]], target) is not None for r in rs)
+    reaching = sum(tokens_to_target(steps, c, target) is not None for c in curves) if same else None
     return {"params": rs[0]["params"], "params_no_embedding": rs[0]["params_no_embedding"], "hidden": rs[0]["hidden"],
             "active_params_no_embedding": rs[0].get("active_params_no_embedding", rs[0]["params_no_embedding"]),
             "seeds": [r["seed"] for r in rs], "val_bpb_mean": mean, "val_bpb_std": std,
             "delta_bpb_mean": _mean_std(diffs)[0] if diffs else None,
             "delta_bpb_std": _mean_std(diffs)[1] if diffs else None,
-            "curve_tokens": steps, "curve_bpb_mean": curve, "tokens_to_target": tokens_to_target(steps, curve, target),
+            "curve_tokens": steps, "curve_bpb_mean": curve, "curve_same_tokens": same,
+            "tokens_to_target": tokens_to_target(steps, curve, target) if same else None,
             "seeds_reaching_target": reaching}
 
 
 def summarize_runs(runs: list[dict], models: list[str]) -> dict:
-    "Per model: final bpb mean/std, paired difference from `models[0]`, tokens to its mean final bpb and the ratio."
+    """Per model: final bpb mean/std, paired difference from `models[0]`, and the tokens its mean learning curve takes
+    to reach the target, `models[0]`'s mean final point on the curves' validation tokens (and the ratio)."""
     by = {m: sorted((r for r in runs if r["model"] == m), key=lambda r: r["seed"]) for m in models}
     if any(not rs for rs in by.values()): raise ValueError(f"runs lack some of the models {models}")
-    target = statistics.fmean(r["val_bpb"] for r in by[models[0]])
+    base_curves = [_curve(r) for r in by[models[0]]]
+    target = None if None in base_curves else statistics.fmean(c[-1] for c in base_curves)
     base_seeds = {r["seed"]: r["val_bpb"] for r in by[models[0]]}
     out = {m: _summary(rs, target, base_seeds) for m, rs in by.items()}
     base_ttt = out[models[0]]["tokens_to_target"]

@@ -633,7 +633,9 @@ def _open_metrics(self):
 
 def _after_step(self, step: int, end: int, loss: Tensor, bar, t0: float):
     """Show and record the loss every 10 steps; evaluate, record and save every `eval_every` steps and at `end`
-    (the whole split last). A loss that is not finite stops the run before it can be saved."""
+    (the whole split last). A loss that is not finite stops the run before it can be saved. Each point of the history
+    has `val_bpb` (the last on the whole split) and `curve_bpb`, always on the same first `eval_tokens` tokens: a
+    learning curve read across points must compare the same tokens."""
     c, last, stopping = self.c, step + 1 == self.c.steps, step + 1 == end
     tokens = (step + 1) * c.batch_size * c.seq_len * self.world
     stage = {"stage": self.stages[self.stage]["name"]} if self.stages else {}
@@ -647,8 +649,9 @@ def _after_step(self, step: int, end: int, loss: Tensor, bar, t0: float):
     if (step + 1) % c.eval_every == 0 or stopping:
         full = last and c.full_final_eval
         ev = self.evaluate(full)
+        curve = self.evaluate(False)["bpb"] if full and c.eval_tokens is not None else ev["bpb"]
         self.history.append({"step": step + 1, "tokens": tokens, "train_loss": loss.item(), "val_bpb": ev["bpb"],
-                             "val_tokens": ev["tokens"], "seconds": time.perf_counter() - t0})
+                             "curve_bpb": curve, "val_tokens": ev["tokens"], "seconds": time.perf_counter() - t0})
         per = {n: e["bpb"] for n, e in ev.get("sources", {}).items()}
         if per: self.history[-1]["val_bpb_sources"] = per
         self._metric({"step": step + 1, "tokens": tokens, "val_loss": ev["loss"], "val_bpb": ev["bpb"],
