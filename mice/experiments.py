@@ -21,9 +21,9 @@ from .routing import routing_stats
 from .training import TrainConfig, TrainStep, load_model, make_optimizer, parallelize, train
 
 # %% auto #0
-__all__ = ['MatchParams', 'TOKEN_CLASSES', 'tokens_to_target', 'summarize_runs', 'compare_runs', 'trained_routing_stats',
-           'token_classes', 'routing_specialisation', 'curvatures', 'geometric_training', 'model_suite', 'hf_llama',
-           'copies_into_llama', 'decode_suite']
+__all__ = ['MatchParams', 'TOKEN_CLASSES', 'DECODE_PATHS', 'tokens_to_target', 'summarize_runs', 'compare_runs',
+           'trained_routing_stats', 'token_classes', 'routing_specialisation', 'curvatures', 'geometric_training',
+           'model_suite', 'hf_llama', 'copies_into_llama', 'decode_suite']
 
 # %% ../nbs/09_experiments.ipynb #6f6e3516
 def _one_run(c: dict, may_diverge: bool = False) -> dict:
@@ -341,7 +341,7 @@ def model_suite(args) -> list[Result]:
     return compare([ref], ref.name) + compare(rows, rows[0].name)
 
 # %% ../nbs/09_experiments.ipynb #57114abe
-from .bench import Timing, copy_result, opt_int, opt_ints
+from .bench import Timing, copy_result, opt_int, opt_ints, opt_strs
 from .models import DenseModel, generate
 from .hf import to_hf
 
@@ -396,6 +396,11 @@ def _decode_row(name: str, run, B: int, P: int, N: int, bytes_per_step: float, g
                    note=f"B={B} {note}; prefill of {B} x {P} prompt tokens and the first new token"))
 
 
+DECODE_PATHS = {   # --opt paths: key -> (row label, generate's arguments); "hf": HF's generate through mice.hf
+    "sliced": ("sliced (static=False)", dict(static=False)), "static": ("static eager", dict(static=True)),
+    "compiled": ("static compiled (CUDA graphs)", dict(compile=True)), "hf": ("hf generate (mice.hf)", None)}
+
+
 def _decode_model(name: str, preset: str, qk_norm: int, max_len: int, device, dtype):
     "Model `name` at `preset` for the decode suite, QK-norm as `--opt qk_norm` asks, in evaluation mode."
     torch.manual_seed(0)
@@ -410,7 +415,9 @@ def decode_suite(args) -> list[Result]:
     cuda = args.device == "cuda"
     P, N = opt_int(args, "prompt", 1024 if cuda else 32), opt_int(args, "new", 128 if cuda else 8)
     batches, qk_norm = opt_ints(args, "batches", [1, 32] if cuda else [1, 2]), opt_int(args, "qk_norm", 0)
-    with_hf = opt_int(args, "hf", 1)
+    with_hf, kinds = opt_int(args, "hf", 1), opt_strs(args, "paths", list(DECODE_PATHS))
+    if bad := [k for k in kinds if k not in DECODE_PATHS]:
+        raise ValueError(f"--opt paths: unknown {bad[0]!r}; expected a comma list of {', '.join(DECODE_PATHS)}")
     for key, v in (("prompt", P), *(("batches", b) for b in batches)): check_int(f"--opt {key}", v)
     check_int("--opt new", N, low=2)
     for key, v in (("qk_norm", qk_norm), ("hf", with_hf)): check_int(f"--opt {key}", v, low=0, high=1)
@@ -442,17 +449,17 @@ def decode_suite(args) -> list[Result]:
             c = model.config
             kv = 2 * c.n_layers * B * c.n_kv_heads * c.head_dim * (P + (N + 1) / 2)
             nbytes, note = size * (model.num_params() + kv), f"P={P} N={N} {name} {preset}, qk_norm={qk_norm}"
-            paths = {"sliced (static=False)": dict(static=False), "static eager": dict(static=True)}
-            if cuda: paths["static compiled (CUDA graphs)"] = dict(compile=True)
-            if not model.static_decode: paths = {k: v for k, v in paths.items() if v.get("static") is False}
+            paths = {label: kw for k, (label, kw) in DECODE_PATHS.items() if k in kinds and k != "hf"
+                     and (cuda or k != "compiled") and (model.static_decode or k == "sliced")}
             group += [_decode_row(f"{name} {label} B={B}", lambda n, m=model, kw=kw: generate(m, prompts, n,
                                   temperature=0, **kw), B, P, N, nbytes, copy.gbs, timer, note)
                       for label, kw in paths.items()]
             if hf is None: continue
-            wrapped = to_hf(model, name)
-            wrapped.generation_config.eos_token_id = None          # every run makes exactly n tokens
-            group.append(_decode_row(f"{name} hf generate (mice.hf) B={B}", partial(hf_generate, wrapped), B, P, N,
-                                     nbytes, copy.gbs, timer, note + "; Hugging Face's generate, our cache"))
+            if "hf" in kinds:
+                wrapped = to_hf(model, name)
+                wrapped.generation_config.eos_token_id = None          # every run makes exactly n tokens
+                group.append(_decode_row(f"{name} hf generate (mice.hf) B={B}", partial(hf_generate, wrapped), B, P,
+                                         N, nbytes, copy.gbs, timer, note + "; Hugging Face's generate, our cache"))
             if name != args.models[0]: continue
             group.append(_decode_row(f"hf llama static cache B={B}", partial(hf_generate, hf,
                                      cache_implementation="static"), B, P, N, nbytes, copy.gbs, timer, note + check))
@@ -462,4 +469,4 @@ def decode_suite(args) -> list[Result]:
     return rows
 
 
-decode_suite.opts = ("prompt", "new", "batches", "qk_norm", "hf")   # the --opt keys it reads
+decode_suite.opts = ("prompt", "new", "batches", "qk_norm", "hf", "paths")   # the --opt keys it reads
