@@ -396,9 +396,10 @@ def _decode_row(name: str, run, B: int, P: int, N: int, bytes_per_step: float, g
                    note=f"B={B} {note}; prefill of {B} x {P} prompt tokens and the first new token"))
 
 
-DECODE_PATHS = {   # --opt paths: key -> (row label, generate's arguments); "hf": HF's generate through mice.hf
+DECODE_PATHS = {   # --opt paths: key -> (row label, generate's arguments); "hf": HF's generate through mice.hf;
     "sliced": ("sliced (static=False)", dict(static=False)), "static": ("static eager", dict(static=True)),
-    "compiled": ("static compiled (CUDA graphs)", dict(compile=True)), "hf": ("hf generate (mice.hf)", None)}
+    "compiled": ("static compiled (CUDA graphs)", dict(compile=True)), "hf": ("hf generate (mice.hf)", None),
+    "llama": ("hf llama static cache", None)}   # HF's Llama of the first model's shape
 
 
 def _decode_model(name: str, preset: str, qk_norm: int, max_len: int, device, dtype):
@@ -431,7 +432,7 @@ def decode_suite(args) -> list[Result]:
     first, size = models[args.models[0]], torch.finfo(dtype).bits // 8
     copy = replace(copy_result(device, warmup=args.warmup, repeat=args.repeat), env=env)
     timer = dict(warmup=args.warmup, repeat=args.repeat, device=device)
-    hf = hf_llama(first) if with_hf else None
+    hf = hf_llama(first) if with_hf and "llama" in kinds else None
     check = ""
     if hf is not None: check = f"; transformers {__import__('transformers').__version__}, Llama's own random weights"
     if hf is not None and copies_into_llama(first):
@@ -449,18 +450,17 @@ def decode_suite(args) -> list[Result]:
             c = model.config
             kv = 2 * c.n_layers * B * c.n_kv_heads * c.head_dim * (P + (N + 1) / 2)
             nbytes, note = size * (model.num_params() + kv), f"P={P} N={N} {name} {preset}, qk_norm={qk_norm}"
-            paths = {label: kw for k, (label, kw) in DECODE_PATHS.items() if k in kinds and k != "hf"
+            paths = {label: kw for k, (label, kw) in DECODE_PATHS.items() if k in kinds and DECODE_PATHS[k][1]
                      and (cuda or k != "compiled") and (model.static_decode or k == "sliced")}
             group += [_decode_row(f"{name} {label} B={B}", lambda n, m=model, kw=kw: generate(m, prompts, n,
                                   temperature=0, **kw), B, P, N, nbytes, copy.gbs, timer, note)
                       for label, kw in paths.items()]
-            if hf is None: continue
-            if "hf" in kinds:
+            if with_hf and "hf" in kinds:
                 wrapped = to_hf(model, name)
                 wrapped.generation_config.eos_token_id = None          # every run makes exactly n tokens
                 group.append(_decode_row(f"{name} hf generate (mice.hf) B={B}", partial(hf_generate, wrapped), B, P,
                                          N, nbytes, copy.gbs, timer, note + "; Hugging Face's generate, our cache"))
-            if name != args.models[0]: continue
+            if name != args.models[0] or hf is None: continue
             group.append(_decode_row(f"hf llama static cache B={B}", partial(hf_generate, hf,
                                      cache_implementation="static"), B, P, N, nbytes, copy.gbs, timer, note + check))
         baseline = f"hf llama static cache B={B}" if hf is not None else group[0][0].name

@@ -175,7 +175,9 @@ def from_pretrained(directory: str | Path, device: str | torch.device | None = N
     with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
         model = FAMILIES[raw["family"]].model(config)
     load_weights(model, tensors, str(Path(directory) / WEIGHTS_NAME))
-    return model.to(dtype).eval()
+    # the device context places what factory functions make; a tensor made from numpy (the token-routing table)
+    # stays on the CPU, and loading copies into it in place: move every tensor explicitly
+    return model.to(device or "cpu", dtype).eval()
 
 # %% ../nbs/11_hugging_face.ipynb #38d80f47
 def require_transformers():

@@ -259,6 +259,8 @@ def test_cuda_load_and_generate(hf, tmp_path):
             model = from_pretrained(tmp_path / name, device="cuda", dtype=dtype)
             hm = AutoModelForCausalLM.from_pretrained(tmp_path / name, device_map="cuda", dtype=dtype)
             assert model.embed.weight.device.type == "cuda" and hm.dtype == dtype
+            for m in (model, hm):                          # every tensor, buffers made from numpy too
+                assert {t.device.type for t in (*m.parameters(), *m.buffers())} == {"cuda"}
             prompts, mask = PADDED.cuda(), PADDED_MASK.cuda()
             with torch.no_grad():
                 assert torch.equal(hm(prompts, attention_mask=mask, use_cache=False).logits[mask.bool()],
