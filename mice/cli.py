@@ -412,7 +412,8 @@ def _compare(a) -> dict:
             print(f"{m:>8s} sweep: " + ", ".join(f"lr {k}: " + ("diverged" if v is None else f"{v:.4f}")
                                                  for k, v in sw.items()) + f"  -> lr {r['lr'][m]:g}")
     if r["target_bpb"] is None: print("target: none (the runs' learning curves read different validation tokens)")
-    else: print(f"target: {r['target_bpb']:.4f} bits/byte (the mean final point of {a.models[0]!r}'s learning curves)")
+    else: print(f"target: {r['target_bpb']:.4f} bits/byte (the mean final point of the learning curves of "
+                f"{a.models[0]!r})")
     for m, s in r["summary"].items():
         d = "" if m == a.models[0] else f"  delta {s['delta_bpb_mean']:+.4f} +- {s['delta_bpb_std']:.4f}"
         ttt = "not reached" if s["tokens_to_target"] is None else \
