@@ -450,7 +450,7 @@ def decode_suite(args) -> list[Result]:
             c = model.config
             kv = 2 * c.n_layers * B * c.n_kv_heads * c.head_dim * (P + (N + 1) / 2)
             nbytes, note = size * (model.num_params() + kv), f"P={P} N={N} {name} {preset}, qk_norm={qk_norm}"
-            paths = {label: kw for k, (label, kw) in DECODE_PATHS.items() if k in kinds and DECODE_PATHS[k][1]
+            paths = {label: kw for k, (label, kw) in DECODE_PATHS.items() if k in kinds and kw is not None
                      and (cuda or k != "compiled") and (model.static_decode or k == "sliced")}
             group += [_decode_row(f"{name} {label} B={B}", lambda n, m=model, kw=kw: generate(m, prompts, n,
                                   temperature=0, **kw), B, P, N, nbytes, copy.gbs, timer, note)
