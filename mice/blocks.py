@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .bench import bench_step, compare, compile_modes, context
+from .bench import bench_step, compare, compile_modes, compile_tag, compiled_fn, context
 
 # %% auto #0
 __all__ = ['RMSNorm', 'RotaryEmbedding', 'swiglu_hidden', 'SwiGLU', 'causal_mask', 'KVCache', 'Attention', 'swiglu_suite']
@@ -190,7 +190,7 @@ def swiglu_suite(args):
         kw = dict(tokens=tokens, flops=2 * tokens * 3 * d * h, warmup=args.warmup, repeat=args.repeat, device=device,
                   peak_tflops=ref.tflops, env=env)
         layers = {f"mlp d={d}": mlp.to(device, dtype), f"swiglu d={d} h={h}": SwiGLU(d, h).to(device, dtype)}
-        group = [bench_step(name + (" compiled" if c else ""), torch.compile(m) if c else m, xs, **kw)
+        group = [bench_step(name + (compile_tag(args) if c else ""), compiled_fn(m, args) if c else m, xs, **kw)
                  for c in compile_modes(args) for name, m in layers.items()]
         rows += compare(group, baseline=group[0].name)
     return rows

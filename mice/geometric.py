@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .bench import bench_step, compare, compile_modes, context, floor_ms, opt_int, opt_strs
+from .bench import bench_step, compare, compile_modes, compile_tag, compiled_fn, context, floor_ms, opt_int, opt_strs
 from .blocks import SwiGLU, swiglu_hidden
 from .routing import (ExpertImpl, TopKMoE, grouped_linear, imbalance, moe_apply, router_losses, select_experts,
                           update_expert_bias)
@@ -851,10 +851,10 @@ def geometric_suite(args):
     def floor(flops): return f"floor {floor_ms(3 * flops, 0, ref.tflops, 1.0):.3f} ms (fwd+bwd matmuls)"
     rows = []
     for c in compile_modes(args):
-        tag = " compiled" if c else ""
+        tag = compile_tag(args) if c else ""
         def run(name, m, flops, note=""):
             m = m.to(device, dtype)
-            r = bench_step(name + tag, torch.compile(m) if c else m, xs, tokens=N, flops=flops,
+            r = bench_step(name + tag, compiled_fn(m, args) if c else m, xs, tokens=N, flops=flops,
                            note=(note + "; " if note else "") + floor(flops), **kw)
             return r, m
         with torch.device(device):

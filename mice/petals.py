@@ -576,7 +576,7 @@ def layer_stats(pre: Tensor) -> dict:
     return dict(mean=t.mean().item(), var=var, corr_hk=off(C) / var, corr_pairs=off(R))
 
 # %% ../nbs/00_convex_petals.ipynb #d0f4ae99
-from .bench import bench_step, compare, compile_modes, context, opt_int
+from .bench import bench_step, compare, compile_modes, compile_tag, compiled_fn, context, opt_int
 from .blocks import SwiGLU
 from .utils import autocast
 
@@ -613,10 +613,10 @@ def petals_suite(args) -> list:
         for compiled in compile_modes(args):
             for name, m in mods.items():
                 m = m.to(device)
-                net = torch.compile(m) if compiled else m
+                net = compiled_fn(m, args) if compiled else m
                 def fn(x, net=net):                       # parameters stay float32; autocast runs the matmuls in dtype
                     with autocast(device, dtype): return net(x)
-                group.append(bench_step(name + (" compiled" if compiled else ""), fn, xs, tokens=tokens,
+                group.append(bench_step(name + (compile_tag(args) if compiled else ""), fn, xs, tokens=tokens,
                                         flops=tokens * m.flops_per_token(), params=list(m.parameters()),
                                         warmup=args.warmup, repeat=args.repeat, device=device,
                                         peak_tflops=ref.tflops, env=env))

@@ -448,7 +448,7 @@ class VectorHullReference(VectorHull):
 
 # %% ../nbs/01_vectorhull_atlas.ipynb #b0e0e349
 from dataclasses import replace
-from .bench import bench_step, compare, compile_modes, context, floor_ms, opt_ints, opt_strs
+from .bench import bench_step, compare, compile_modes, compile_tag, compiled_fn, context, floor_ms, opt_ints, opt_strs
 
 BENCH_VARIANTS = {   # name -> constructor(D, P); "mlp" is the baseline of every comparison
     "mlp": lambda D, P: MLP(D),
@@ -498,14 +498,13 @@ def vectorhull_suite(args):
                 torch.manual_seed(0)
                 m = _build(n, D, P, device).to(device, dtype)
                 flops = count_flops(m, xs[0][:8].detach()) * tokens // 8
-                run = torch.compile(m) if compiled else m
-                label = f"{n} D={D} P={P}" + (" compiled" if compiled else "")
+                run = compiled_fn(m, args) if compiled else m
+                label = f"{n} D={D} P={P}" + (compile_tag(args) if compiled else "")
                 group.append(bench_step(label, run, xs, tokens=tokens, flops=flops, params=list(m.parameters()),
                                         warmup=args.warmup, repeat=args.repeat, device=device, peak_tflops=ref.tflops,
                                         env=env, note=f"params {num_params(m):,}"))
         for compiled in compile_modes(args):
-            suffix = " compiled" if compiled else ""
-            part = [r for r in group if r.name.endswith(suffix) and (compiled or not r.name.endswith(" compiled"))]
+            part = [r for r in group if (" compiled" in r.name) == compiled]
             mlp = part[0]
             legacy = next((r for r in part if r.name.startswith("legacy")), None)
             first = next((r for r in part if r.name.startswith("vectorhull reference")), None)
