@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .bench import bench_step, compare, compile_modes, context, copy_bandwidth, floor_ms, opt_ints, opt_strs
+from .bench import bench_step, compare, compile_modes, compile_tag, compiled_fn, context, copy_bandwidth, floor_ms, opt_ints, opt_strs
 from .blocks import RMSNorm, SwiGLU, swiglu_hidden
 from .data import token_ids
 from .utils import check_choice, check_int, check_number, check_tensor, check_token_ids, compute_dtype
@@ -393,13 +393,17 @@ def mu_route(base: Tensor, mu: Tensor, router: Tensor, table_logit: Tensor | Non
     experts `base` [N], with mu rows `mu` [N, mu_dim] and router weight `router` [E, mu_dim]. Logits (float32 or
     wider) are `z = b onehot(base) + W_r mu'`, expert `argmax z`, `p = softmax(z)`: `soft` weighs the output by `p_e`,
     `straight` by `1 + p_e - stopgrad(p_e)` (1 forward, grad of `p_e`), both with `mu' = mu / rms(mu)` and the
-    learned `b = table_logit`; `hard` is the source: `b = 10`, raw mu, weight 1, no gradient."""
+    learned `b = table_logit`; `hard` is the source: `b = 10`, raw mu, weight 1, no gradient.
+
+    mu is read in its own dtype (bf16 under autocast), twice and never copied: `W_r mu'` is `(W_r mu) / rms(mu)`, a
+    GEMM with float32 accumulation and a row norm accumulated in float32; the [N, E] logits are then float32."""
     dt = torch.promote_types(mu.dtype, torch.float32)          # at least float32
-    mu, w, onehot = mu.to(dt), router.to(dt), F.one_hot(base, router.shape[0]).to(dt)
+    onehot = F.one_hot(base, router.shape[0]).to(dt)
     if mode == "hard":
-        with torch.no_grad(): z = 10 * onehot + F.linear(mu, w)
+        with torch.no_grad(): z = 10 * onehot + F.linear(mu.to(dt), router.to(dt))
         return z.argmax(-1, keepdim=True), None
-    z = table_logit.to(dt) * onehot + F.linear(F.rms_norm(mu, (mu.shape[-1],), eps=1e-6), w)
+    ssq = torch.linalg.vector_norm(mu, dim=-1, keepdim=True, dtype=dt).square()     # sum mu^2, float32 accumulation
+    z = table_logit.to(dt) * onehot + F.linear(mu, router.to(mu.dtype)).to(dt) * torch.rsqrt(ssq / mu.shape[-1] + 1e-6)
     p, expert = z.softmax(-1).max(-1, keepdim=True)
     return expert, p if mode == "soft" else p - p.detach() + 1
 
@@ -740,17 +744,17 @@ def _dense_groups(b: _Rows, dims, n_experts, tokens) -> list[list]:
     "One group per mode, width and N: the dense SwiGLU, then the token-routed layer for each E (balanced ids)."
     groups = []
     for c in compile_modes(b.args):
-        tag = " compiled" if c else ""
+        tag = compile_tag(b.args) if c else ""
         for d in dims:
             h = swiglu_hidden(d, 256)
             for N in tokens:
                 x, kw = b.inputs(N, d), b.kw(N, d, h)
                 dense = b.make(lambda: SwiGLU(d, h))
-                group = [bench_step(f"dense d={d} N={N}{tag}", torch.compile(dense) if c else dense, x, **kw)]
+                group = [bench_step(f"dense d={d} N={N}{tag}", compiled_fn(dense, b.args) if c else dense, x, **kw)]
                 for E in n_experts:
                     m = b.make(lambda: TokenRoutedMLP(d, h, E, route="modulo"))
                     ids = balanced_ids(N, E).to(b.device)
-                    group.append(bench_step(f"token-routed E={E} d={d} N={N}{tag}", torch.compile(m) if c else m,
+                    group.append(bench_step(f"token-routed E={E} d={d} N={N}{tag}", compiled_fn(m, b.args) if c else m,
                                             [(t, ids) for t in x], note=b.note(N, d, h), **kw))
                     del m
                 groups.append(compare(group, group[0].name))
