@@ -299,8 +299,11 @@ def geometric_training(c: TrainConfig, every: int = 50, val_tokens: int = 16384,
     return {"model": c.model, "val_bpb": ev["bpb"], "curvatures": track, "routing": routing}
 
 # %% ../nbs/09_experiments.ipynb #706714d3
-def _train_row(name: str, compiled: bool, args, device, dtype, env: dict, ref: Result) -> Result:
-    "Time the forward pass and the trainer's step of model `name` on random tokens."
+def _train_row(name: str, compiled: bool, args, device, dtype, env: dict, ref: Result,
+               compile_loss: bool | None = None) -> Result:
+    """Time the forward pass and the trainer's step of model `name` on random tokens. `compile_loss` (default: as the
+    trainer, with the model): whether the cross-entropy is compiled too."""
+    compile_loss = compiled if compile_loss is None else compile_loss
     torch.manual_seed(0)
     model = build_model(name, args.preset or "tiny").to(device)
     c = model.config
@@ -316,7 +319,7 @@ def _train_row(name: str, compiled: bool, args, device, dtype, env: dict, ref: R
     run = TrainConfig(model=name)
     net = parallelize(model, device, compile=compiled)
     def amp(): return autocast(device, dtype)
-    step = TrainStep(model, net, make_optimizer(model, run, device), run.grad_clip, amp)
+    step = TrainStep(model, net, make_optimizer(model, run, device), run.grad_clip, amp, compile_loss=compile_loss)
     def forward(x, y):
         with amp(): return net(x)
     timer = dict(inputs=batches, warmup=args.warmup, repeat=args.repeat, device=device)
@@ -325,20 +328,29 @@ def _train_row(name: str, compiled: bool, args, device, dtype, env: dict, ref: R
     timed = time_fn(step, **timer)
     mib, how = peak_memory(device)
     flops = model.flops_per_token(T) * B * T
-    return Result(name + (" compiled" if compiled else ""), B * T, flops, 3 * flops, fwd=fwd, step=timed, peak_mib=mib,
+    tag = (" compiled" if compiled else "") + (" (eager loss)" if compiled and not compile_loss else "")
+    return Result(name + tag, B * T, flops, 3 * flops, fwd=fwd, step=timed, peak_mib=mib,
                   memory=how, peak_tflops=ref.tflops, env=env,
                   note=f"B={B} T={T}; step = the trainer's TrainStep (fwd, loss, bwd, clip, AdamW)")
 
 
 def model_suite(args) -> list[Result]:
-    "Train-step tokens/s and MFU of model names (the first is the baseline) against a same-run matmul."
+    """Train-step tokens/s and MFU of model names (the first is the baseline) against a same-run matmul. `--opt
+    loss=eager`: compiled models also with the cross-entropy left eager (the trainer compiles it with the model)."""
     if bad := [m for m in args.models if m not in MODELS]:
         raise ValueError(f"--models: unknown model(s) {bad}; expected some of: {', '.join(MODELS)}")
     if args.preset is not None and args.preset not in PRESETS:
         raise ValueError(f"--preset: unknown preset {args.preset!r}; expected one of: {', '.join(PRESETS)}")
     device, dtype, env, ref = context(args)
-    rows = [_train_row(n, c, args, device, dtype, env, ref) for n in args.models for c in compile_modes(args)]
+    losses = opt_strs(args, "loss", ["compiled"])
+    if bad := [v for v in losses if v not in ("compiled", "eager")]:
+        raise ValueError(f"--opt loss: expected compiled and/or eager, got {bad}")
+    rows = [_train_row(n, c, args, device, dtype, env, ref, compile_loss=c and loss == "compiled")
+            for n in args.models for c in compile_modes(args) for loss in (losses if c else ["compiled"])]
     return compare([ref], ref.name) + compare(rows, rows[0].name)
+
+
+model_suite.opts = ("loss",)   # the --opt keys it reads
 
 # %% ../nbs/09_experiments.ipynb #57114abe
 from .bench import Timing, copy_result, opt_int, opt_ints, opt_strs

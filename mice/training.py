@@ -26,7 +26,7 @@ __all__ = ['PLAYS', 'Schedule', 'Parallel', 'CKPT_FORMAT', 'LOSSES', 'STAGE_PRES
            'schedule_lr', 'lr_at', 'data_at', 'run_sources', 'save_checkpoint', 'Checkpoint', 'load_checkpoint',
            'load_state', 'config_from_meta', 'model_meta', 'load_model', 'evaluate', 'evaluate_sources', 'setup_device',
            'make_optimizer', 'parallelize', 'is_sharded', 'full_state', 'shard_optimizer_state', 'extra_loss',
-           'grad_sync', 'TrainStep', 'check_resume', 'forward_context', 'Trainer', 'train', 'sample_text',
+           'grad_sync', 'lm_loss', 'TrainStep', 'check_resume', 'forward_context', 'Trainer', 'train', 'sample_text',
            'read_metrics', 'plot_metrics', 'Stage', 'stage_from_dict', 'resolve_stages', 'stage_at', 'mgm_stages',
            'map_patterns', 'load_stages', 'stage_mask', 'apply_stage', 'check_stages', 'ComplexFilteredGradScaler']
 
@@ -401,18 +401,28 @@ def _restore_sync(module):
     finally: module.set_requires_gradient_sync(True)
 
 
+def lm_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy of `logits` [B, T, V] (any float dtype) against `y` [B, T], in float32. Eager, the cast
+    writes a float32 copy of the logits and the backward a float32 gradient; compiled, one fused reduction reads the
+    bf16 logits and the backward writes bf16 (at B*T = 64k, V = 4096: 6 GB of traffic less per step)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
 class TrainStep:
     """One optimizer step as the trainer takes it: lr, forward (autocast), loss + extra losses, backward (over
-    `grad_accum` micro-batches), clip, optimizer step (through `scaler` if one is given)."""
+    `grad_accum` micro-batches), clip, optimizer step (through `scaler` if one is given). `compile_loss`: the
+    cross-entropy compiled too (`lm_loss`), as the trainer does whenever it compiles the model."""
     def __init__(self, model: nn.Module, net: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
-                 autocast=contextlib.nullcontext, grad_accum: int = 1, losses: dict | None = None, scaler=None):
+                 autocast=contextlib.nullcontext, grad_accum: int = 1, losses: dict | None = None, scaler=None,
+                 compile_loss: bool = False):
         self.model, self.net, self.optimizer, self.grad_clip, self.autocast = model, net, optimizer, grad_clip, autocast
         self.grad_accum, self.losses, self.scaler = check_int("grad_accum", grad_accum), losses, scaler
+        self.lm_loss = torch.compile(lm_loss) if compile_loss else lm_loss
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
         "The training loss on `(x, y)`: cross-entropy in float32 plus the extra losses (`extra_loss`)."
         with self.autocast(): logits = self.net(x)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) + extra_loss(self.model, self.losses)
+        return self.lm_loss(logits, y) + extra_loss(self.model, self.losses)
 
     def backward(self, x: Tensor, y: Tensor) -> Tensor:
         "Gradients of the mean loss over `grad_accum` equal micro-batches of `(x, y)`; returns that loss."
@@ -516,7 +526,8 @@ class Trainer:
         self.sharded = is_sharded(self.model)
         self.optimizer = make_optimizer(self.model, c, self.device)     # after parallelize: FSDP2 swaps parameters
         self.start = 0 if ck is None else self._resume_state(ck)
-        self.train_step = TrainStep(self.model, self.net, self.optimizer, c.grad_clip, self.autocast, c.grad_accum)
+        self.train_step = TrainStep(self.model, self.net, self.optimizer, c.grad_clip, self.autocast, c.grad_accum,
+                                    compile_loss=self.compile)
         self.meta = {**model_meta(c.model, self.model), "train_config": asdict(c), "tokenizer": tokenizer_digest(),
                      "world": self.world}
         self.path = Path(c.out_dir) / "checkpoint.safetensors"
