@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['PROFILE', 'KERNEL_KINDS', 'DTYPES', 'COMPILE_MODES', 'Timing', 'time_fn', 'kernel_kind', 'kernel_profile',
-           'profile_line', 'Result', 'matmul_result', 'matmul_peak', 'copy_result', 'copy_bandwidth', 'floor_ms',
-           'sdpa_backend', 'environment', 'peak_memory', 'bench_step', 'compare', 'format_table', 'save_json',
-           'load_json', 'BenchContext', 'context', 'compile_modes', 'compiled_fn', 'compile_tag', 'opt_int', 'opt_ints',
-           'opt_strs', 'parse_args', 'main', 'matmul_suite']
+           'profile_line', 'profile_table', 'Result', 'matmul_result', 'matmul_peak', 'copy_result', 'copy_bandwidth',
+           'floor_ms', 'sdpa_backend', 'environment', 'peak_memory', 'bench_step', 'compare', 'format_table',
+           'save_json', 'load_json', 'BenchContext', 'context', 'compile_modes', 'compiled_fn', 'compile_tag',
+           'opt_int', 'opt_ints', 'opt_strs', 'parse_args', 'main', 'matmul_suite']
 
 # %% ../nbs/foundation/01_bench.ipynb #17e931cc
 import argparse, contextvars, datetime, importlib.metadata, json, math, platform, statistics, time, warnings
@@ -134,6 +134,21 @@ def profile_line(p: dict) -> str:
     busy = f" of {p['device_ms'] / p['busy']:.3f} ms wall ({100 * p['busy']:.0f}% busy)" if p.get("busy") else ""
     kinds = ", ".join(f"{k} {ms:.3f}" for k, ms in p["kinds"].items())
     return f"device {p['device_ms']:.3f} ms{busy}, {p['launches']:.0f} launches: {kinds}"
+
+
+def profile_table(results, part: str = "step") -> str:
+    """One line per result whose `part` ("step": fwd+bwd, or "fwd") has a profile: median ms, time against its
+    baseline, busy share, and device ms by kernel kind (kinds under 1% of the device time left out)."""
+    if part not in ("step", "fwd"): raise ValueError(f"part: expected 'step' or 'fwd', got {part!r}")
+    have = [r for r in results if getattr(r, part) is not None and getattr(r, part).profile]
+    w = max((len(r.name) for r in have), default=0)
+    def line(r):
+        t = getattr(r, part)
+        p = t.profile
+        kinds = ", ".join(f"{k} {ms:.2f}" for k, ms in p["kinds"].items() if ms >= 0.01 * p["device_ms"])
+        x = "" if r.time_x is None else f"x{r.time_x:.2f}"
+        return f"{r.name:<{w}}  {t.median:8.3f} ms  {x:>6}  busy {100 * p.get('busy', 0):3.0f}%  {kinds}"
+    return "\n".join(map(line, have))
 
 # %% ../nbs/foundation/01_bench.ipynb #663f1488
 @dataclass
@@ -301,8 +316,8 @@ def _si(x):
     return f"{x / 1000**e:.3g}{' kMGT'[e]}".strip()
 
 
-def format_table(results) -> str:
-    "Aligned plain-text table of `results`, headed by where they ran, with notes below."
+def format_table(results, profiles: bool = True) -> str:
+    "Aligned plain-text table of `results`, headed by where they ran, with notes (and, if `profiles`, profiles) below."
     _check_report(results)
     head = ("name", "fwd ms", "fwd+bwd ms", "tokens/s", "TFLOP/s", "% ref matmul", "GB/s", "peak MiB", "baseline",
             "time x", "tok/s x")
@@ -317,7 +332,7 @@ def format_table(results) -> str:
              f"sdpa {e.get('sdpa')} | {e.get('date')}")
     notes = [f"* {r.name}: {r.note}" for r in results if r.note]
     notes += [f"* {r.name} {part} profile: {profile_line(t.profile)}" for r in results
-              for part, t in (("fwd", r.fwd), ("fwd+bwd", r.step)) if t is not None and t.profile]
+              for part, t in (("fwd", r.fwd), ("fwd+bwd", r.step)) if profiles and t is not None and t.profile]
     if any(r.mfu for r in results):
         notes.append("* % ref matmul: TFLOP/s as a percentage of the reference matmul's in the same run "
                      "(not of a hardware peak: a small or fused shape can exceed 100)")
