@@ -185,7 +185,7 @@ def group_means(v: Tensor, group: int = 2) -> Tensor:
 class _MaxOfPairs(torch.autograd.Function):
     """max_g [(v_g + v_{g+1 mod P}) + s2_g] / 2 over dim 1 of v [N, P, O], saving only the winning group [N, O] (uint8).
     Backward without atomics: G = half the gradient at the winning group and 0 elsewhere (`where` on an index compare),
-    petal p receives G[:, p] + G[:, p-1], and s2 receives G summed over tokens and coordinates (a plain reduction).
+    petal p receives G[:, p] + G[:, p-1], and s2 receives G summed over tokens, then over coordinates.
     With `in_place`, the petals' gradient is written straight into a tensor laid out like `v` (two adds, no `roll`):
     when `v` is a view of the petals' buffer, that buffer's producer takes it over without a copy.
     One winner per coordinate (amax would split ties evenly; both are subgradients)."""
@@ -207,7 +207,9 @@ class _MaxOfPairs(torch.autograd.Function):
         (idx,) = ctx.saved_tensors
         groups = torch.arange(ctx.P, device=g.device, dtype=idx.dtype)[:, None]
         G = torch.where(idx.unsqueeze(1) == groups, (g * 0.5).unsqueeze(1), 0)       # [N, P, O]: d y / d score_g
-        ds2 = G.sum((0, 2), dtype=torch.float32).to(ctx.s2_dtype)
+        # over tokens first, then coordinates: one reduction to [P] alone has P-way parallelism, and compiled it is
+        # fused with the petals' whole backward (3.7 ms a layer in the convex model at d=512, against 0.05 ms)
+        ds2 = G.sum(0, dtype=torch.promote_types(G.dtype, torch.float32)).sum(1).to(ctx.s2_dtype)
         if ctx.layout is None: return G + G.roll(1, dims=1), ds2, None
         dv = empty_with_layout(ctx.layout, G)
         torch.add(G[:, 1:], G[:, :-1], out=dv[:, 1:])
