@@ -434,3 +434,31 @@ def test_trained_routing_stats_reports_every_layer():
                                   eval_tokens=256, full_final_eval=False, val_tokens=256)
     assert [s["layer"] for s in stats] == [0, 1, 2, 3]
     assert all(s["imbalance"] >= 1 and 0 <= s["overridden"] <= 1 for s in stats)
+
+
+@FEW
+@given(n=st.integers(1, 64), mu_dim=st.sampled_from([8, 48]), mode=st.sampled_from(["soft", "straight"]),
+       seed=st.integers(0, 2**16))
+def test_mu_router_in_bf16_is_the_float32_rule_rounded(n, mu_dim, mode, seed):
+    "bf16 mu gives float32 weights within bf16 rounding of the float32 rule's, where both pick the same expert."
+    from mice.routing import mu_route
+    g = torch.Generator().manual_seed(seed)
+    base, mu = torch.randint(0, 8, (n,), generator=g), torch.randn(n, mu_dim, generator=g)
+    W, b = torch.randn(8, mu_dim, generator=g) * 0.5, torch.tensor(1.5)
+    e32, w32 = mu_route(base, mu, W, b, mode)
+    e16, w16 = mu_route(base, mu.bfloat16(), W.bfloat16(), b.bfloat16(), mode)
+    assert w16.dtype == torch.float32 and e16.shape == e32.shape == (n, 1)
+    same = e16 == e32
+    assert ((w16 - w32).abs() * same).max() < 3e-2
+
+
+def test_mu_router_never_copies_mu_and_has_finite_gradients_at_zero():
+    from torch.profiler import profile
+    from mice.routing import mu_route
+    mu = torch.zeros(32, 24, dtype=torch.bfloat16, requires_grad=True)     # a model's mu starts at zero
+    W, b = (torch.randn(4, 24) * 0.1).bfloat16().requires_grad_(), torch.tensor(2.0).requires_grad_()
+    with profile() as prof:
+        mu_route(torch.arange(32) % 4, mu, W, b, "straight")[1].sum().backward()
+    assert not [e.name for e in prof.events() if e.name in ("aten::_to_copy", "aten::copy_")
+                and [32, 24] in (e.input_shapes or [])]
+    assert all(torch.isfinite(t.grad).all() for t in (mu, W, b))
