@@ -14,7 +14,7 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 from .utils import atomic_write, autocast, check_choice, check_int, check_number
-from .bench import Result, compare, compile_modes, context, peak_memory, sdpa_backend, time_fn
+from .bench import Result, compare, compile_modes, context, opt_strs, peak_memory, sdpa_backend, time_fn
 from .data import load_tokenizer, token_ids
 from .models import MODELS, PRESETS, build_model, matched_hidden
 from .routing import routing_stats
@@ -341,10 +341,10 @@ def model_suite(args) -> list[Result]:
         raise ValueError(f"--models: unknown model(s) {bad}; expected some of: {', '.join(MODELS)}")
     if args.preset is not None and args.preset not in PRESETS:
         raise ValueError(f"--preset: unknown preset {args.preset!r}; expected one of: {', '.join(PRESETS)}")
-    device, dtype, env, ref = context(args)
     losses = opt_strs(args, "loss", ["compiled"])
     if bad := [v for v in losses if v not in ("compiled", "eager")]:
         raise ValueError(f"--opt loss: expected compiled and/or eager, got {bad}")
+    device, dtype, env, ref = context(args)
     rows = [_train_row(n, c, args, device, dtype, env, ref, compile_loss=c and loss == "compiled")
             for n in args.models for c in compile_modes(args) for loss in (losses if c else ["compiled"])]
     return compare([ref], ref.name) + compare(rows, rows[0].name)

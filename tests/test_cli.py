@@ -71,6 +71,18 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     assert all(row["env"]["torch"] for row in rows)
 
 
+def test_bench_profile_splits_each_timing_by_kernel_kind(tmp_path):
+    "`--profile`: every timing carries device time by kernel kind into the JSON and a line under the table."
+    r = mice("bench", "routing", "--device", "cpu", "--opt", "parts=dense", "--sizes", "64", "--opt", "experts=4",
+             "--opt", "tokens=256", "--repeat", "2", "--warmup", "1", "--profile", "--out", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "* token-routed E=4 d=64 N=256 fwd+bwd profile: device" in r.stdout
+    for row in json.loads((tmp_path / "r.json").read_text())["results"]:
+        p = row["step"]["profile"] if row["step"] else row["fwd"]["profile"]
+        assert p["device_ms"] > 0 and p["launches"] >= 1 and abs(sum(p["kinds"].values()) - p["device_ms"]) < 1e-6
+        assert "gemm" in p["kinds"] and p["top"], (row["name"], p)
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--model", "nope"], "unknown model 'nope'"),
     (["train", "--preset", "huge"], "unknown preset 'huge'"),
@@ -120,6 +132,8 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     # the benchmark harness: a suite's own errors, and options no suite reads
     (["bench", "model", "--models", "nosuch"], "--models: unknown model(s) ['nosuch']"),
     (["bench", "model", "--preset", "huge"], "--preset: unknown preset 'huge'"),
+    (["bench", "model", "--opt", "loss=fused"], "--opt loss: expected compiled and/or eager, got ['fused']"),
+    (["bench", "matmul", "--compile-mode", "reduce-overhead"], "--compile-mode: reduce-overhead needs --compile"),
     (["bench", "matmul", "--opt", "foo=1"], "suite 'matmul' reads no option 'foo'; it takes none"),
     (["bench", "petals", "--opt", "petal=2"], "suite 'petals' reads no option 'petal'; its options: petals, depth"),
     (["bench", "decode", "--device", "cpu", "--opt", "new=1"], "--opt new: expected an integer >= 2, got 1"),

@@ -185,3 +185,22 @@ def test_mgm_preset_skip_setup_and_stage_steps(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "curvature_calibration" not in r.stdout and "stage 4/4 joint_finetune: steps 3-4" in r.stdout
     assert load_checkpoint(tmp_path / "checkpoint.safetensors").step == 4
+
+
+def test_compiled_loss_takes_the_same_step_as_the_eager_one():
+    "`TrainStep(compile_loss=True)` (what the trainer does when it compiles): the same loss and weights, bf16 logits."
+    from mice.models import build_model
+    from mice.training import TrainStep, lm_loss
+    torch.manual_seed(0)
+    models = [build_model("dense", "tiny", dim=32, n_layers=1, n_heads=2, n_kv_heads=1) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x, y = torch.randint(4096, (2, 16)), torch.randint(4096, (2, 16))
+    amp = lambda: torch.autocast("cpu", torch.bfloat16)           # noqa: E731 - bf16 logits, as on the GPU
+    steps = [TrainStep(m, m, torch.optim.AdamW(m.parameters(), lr=1e-2), 1.0, amp, compile_loss=c)
+             for m, c in zip(models, (False, True))]
+    assert steps[0].lm_loss is lm_loss and steps[1].lm_loss is not lm_loss
+    losses = [s(x, y) for s in steps]
+    assert losses[0].dtype == losses[1].dtype == torch.float32
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
