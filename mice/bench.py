@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['PROFILE', 'KERNEL_KINDS', 'DTYPES', 'COMPILE_MODES', 'Timing', 'time_fn', 'kernel_kind', 'kernel_profile',
            'profile_line', 'profile_table', 'Result', 'matmul_result', 'matmul_peak', 'copy_result', 'copy_bandwidth',
-           'floor_ms', 'sdpa_backend', 'environment', 'peak_memory', 'bench_step', 'compare', 'format_table',
-           'save_json', 'load_json', 'BenchContext', 'context', 'compile_modes', 'compiled_fn', 'compile_tag',
-           'opt_int', 'opt_ints', 'opt_strs', 'parse_args', 'main', 'matmul_suite']
+           'floor_ms', 'sdpa_backend', 'environment', 'saved_activations', 'peak_memory', 'bench_step', 'compare',
+           'format_table', 'save_json', 'load_json', 'BenchContext', 'context', 'compile_modes', 'compiled_fn',
+           'compile_tag', 'opt_int', 'opt_ints', 'opt_strs', 'parse_args', 'main', 'matmul_suite']
 
 # %% ../nbs/foundation/01_bench.ipynb #17e931cc
 import argparse, contextvars, datetime, importlib.metadata, json, math, platform, statistics, time, warnings
@@ -263,6 +263,32 @@ def environment(device, dtype, sdpa_shape=(1, 8, 256, 64)) -> dict:
     return env
 
 # %% ../nbs/foundation/01_bench.ipynb #6a92daf9
+def saved_activations(model: nn.Module, *inputs, fold: bool = True) -> dict[str, int]:
+    """Bytes autograd keeps for the backward of `model(*inputs)`, by the innermost module that was running when each
+    tensor was saved (with `fold`, layer indices dropped: `blocks.3.mlp` counts as `blocks.mlp`), largest first. Each
+    storage counts once, at its full size; parameters are left out. Device-independent: run it on the CPU to see
+    where a GPU's activation memory goes."""
+    names, stack, seen, acc = {}, [], set(), {}
+    for n, m in model.named_modules():
+        names[m] = ".".join(p for p in n.split(".") if not (fold and p.isdigit())) or "(model)"
+    def enter(m, args): stack.append(names[m])
+    def leave(m, args, out): stack.pop()               # returns None: the module's output stays as it is
+    hooks = [h for m in names for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen and s.data_ptr() not in params:
+            seen.add(s.data_ptr())
+            key = stack[-1] if stack else "(outside any module)"
+            acc[key] = acc.get(key, 0) + s.nbytes()
+        return t
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): model(*inputs)
+    finally:
+        for h in hooks: h.remove()
+    return dict(sorted(acc.items(), key=lambda kv: -kv[1]))
+
+
 def peak_memory(device) -> tuple:
     "(peak MiB since the last `torch.cuda.reset_peak_memory_stats`, how it was measured); (None, ...) on cpu."
     if _is_cuda(device): return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"

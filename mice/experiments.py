@@ -341,6 +341,9 @@ def model_suite(args) -> list[Result]:
         raise ValueError(f"--models: unknown model(s) {bad}; expected some of: {', '.join(MODELS)}")
     if args.preset is not None and args.preset not in PRESETS:
         raise ValueError(f"--preset: unknown preset {args.preset!r}; expected one of: {', '.join(PRESETS)}")
+    if getattr(args, "compile_mode", "default") != "default":
+        raise ValueError(f"--compile-mode: the model suite compiles as the trainer does (the default mode), "
+                         f"got {args.compile_mode}")
     losses = opt_strs(args, "loss", ["compiled"])
     if bad := [v for v in losses if v not in ("compiled", "eager")]:
         raise ValueError(f"--opt loss: expected compiled and/or eager, got {bad}")

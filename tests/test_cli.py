@@ -134,6 +134,7 @@ def test_bench_profile_splits_each_timing_by_kernel_kind(tmp_path):
     (["bench", "model", "--preset", "huge"], "--preset: unknown preset 'huge'"),
     (["bench", "model", "--opt", "loss=fused"], "--opt loss: expected compiled and/or eager, got ['fused']"),
     (["bench", "matmul", "--compile-mode", "reduce-overhead"], "--compile-mode: reduce-overhead needs --compile"),
+    (["bench", "model", "--compile", "--compile-mode", "max-autotune"], "--compile-mode: the model suite compiles as"),
     (["bench", "matmul", "--opt", "foo=1"], "suite 'matmul' reads no option 'foo'; it takes none"),
     (["bench", "petals", "--opt", "petal=2"], "suite 'petals' reads no option 'petal'; its options: petals, depth"),
     (["bench", "decode", "--device", "cpu", "--opt", "new=1"], "--opt new: expected an integer >= 2, got 1"),
