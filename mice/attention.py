@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .bench import BenchContext, Result, bench_step, compare, compile_modes, context, copy_result, floor_ms
-from .bench import opt_int, opt_ints, time_fn
+from .bench import BenchContext, Result, bench_step, compare, compile_modes, compile_tag, compiled_fn, context
+from .bench import copy_result, floor_ms, opt_int, opt_ints, time_fn
 from .blocks import Attention, RMSNorm, causal_mask
 from .utils import check_choice, check_number, check_tensor
 
@@ -181,14 +181,10 @@ def decode_bytes(layer: Attention, batch: int, context: int, element_size: int) 
     return element_size * (weights + 2 * batch * layer.n_kv_heads * layer.head_dim * context)
 
 # %% ../nbs/02_mu_attention.ipynb #94876892
-def _compiled(m: nn.Module):
-    "`torch.compile(m)` after `torch._dynamo.reset()`: every variant and shape gets its own compile."
-    torch._dynamo.reset()
-    return torch.compile(m)
-
-
-def _prefill_rows(layers: dict, B: int, T: int, compiled: list[bool], ctx: BenchContext, timer: dict) -> list[Result]:
-    "One group: prefill of B sequences of T tokens through each of `layers`, eager and/or compiled (`compiled`)."
+def _prefill_rows(layers: dict, B: int, T: int, compiled: list[bool], ctx: BenchContext, timer: dict,
+                  args) -> list[Result]:
+    """One group: prefill of B sequences of T tokens through each of `layers`, eager and/or compiled (`compiled`, with
+    `compiled_fn`: every variant and shape gets its own compile)."""
     device, dtype, env, ref = ctx
     gqa = layers["gqa (no mu)"]
     d, H, G = gqa.out.out_features, gqa.n_heads, gqa.n_kv_heads
@@ -198,13 +194,13 @@ def _prefill_rows(layers: dict, B: int, T: int, compiled: list[bool], ctx: Bench
     group = []
     for c in compiled:
         for name, m in layers.items():
-            run = _compiled(m) if c else m
+            run = compiled_fn(m, args) if c else m
             if name == "gqa (no mu)": fn = lambda x, mu, run=run: run(x, pos)
             else: fn = lambda x, mu, run=run: run(x, mu, pos)
             flops = attention_flops(m, B * T, (T + 1) / 2)
             note = (f"B={B} T={T} H={H} H_kv={G}; floor fwd {floor_ms(flops, 0, ref.tflops, 1):.3f} ms, "
                     f"fwd+bwd {floor_ms(3 * flops, 0, ref.tflops, 1):.3f} ms")
-            group.append(bench_step(f"prefill d={d} N={B * T} {name}{' compiled' if c else ''}", fn, xs, tokens=B * T,
+            group.append(bench_step(f"prefill d={d} N={B * T} {name}{compile_tag(args) if c else ''}", fn, xs, tokens=B * T,
                                     flops=flops, params=list(m.parameters()), peak_tflops=ref.tflops, env=env,
                                     note=note, **timer))
     return compare(group, group[0].name)
@@ -228,7 +224,7 @@ def _decode_modes(args, cuda: bool) -> list[str]:
 
 
 def _decode_rows(layers: dict, B: int, S: int, modes: list[str], ctx: BenchContext, copy: Result,
-                 timer: dict) -> list[Result]:
+                 timer: dict, args) -> list[Result]:
     "One group: a one-token decode step at batch B over S cached tokens through each of `layers`, in each of `modes`."
     device, dtype, env, ref = ctx
     gqa = layers["gqa (no mu)"]
@@ -241,7 +237,7 @@ def _decode_rows(layers: dict, B: int, S: int, modes: list[str], ctx: BenchConte
     group = []
     for mode in modes:
         for name, m, mask in cases:
-            run = _compiled(m) if mode == "compiled" else m
+            run = compiled_fn(m, args) if mode == "compiled" else m
             if name.startswith("gqa"): call = (x, pos, mask, (kbuf, vbuf), S - 1)
             else: call = (x, mu, pos, mask, (kbuf, vbuf), S - 1)
             step, note = (lambda: run(*call)), ""
@@ -284,10 +280,10 @@ def attention_suite(args) -> list[Result]:
         layers = {k: m.to(device, ctx.dtype) for k, m in attention_variants(d, H, H // 2).items()}
         for ni, n in enumerate(token_counts):
             compiled = [c for c in compile_modes(args) if not c or di == ni == 0]
-            rows += _prefill_rows(layers, max(1, n // T), T, compiled, ctx, timer)
+            rows += _prefill_rows(layers, max(1, n // T), T, compiled, ctx, timer, args)
         for bi, B in enumerate(batches):
             modes = [m for m in _decode_modes(args, cuda) if m != "compiled" or di == bi == 0]
-            rows += _decode_rows(layers, B, S, modes, ctx, copy, timer)
+            rows += _decode_rows(layers, B, S, modes, ctx, copy, timer, args)
     return rows
 
 
