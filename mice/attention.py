@@ -200,7 +200,8 @@ def _prefill_rows(layers: dict, B: int, T: int, compiled: list[bool], ctx: Bench
             flops = attention_flops(m, B * T, (T + 1) / 2)
             note = (f"B={B} T={T} H={H} H_kv={G}; floor fwd {floor_ms(flops, 0, ref.tflops, 1):.3f} ms, "
                     f"fwd+bwd {floor_ms(3 * flops, 0, ref.tflops, 1):.3f} ms")
-            group.append(bench_step(f"prefill d={d} N={B * T} {name}{compile_tag(args) if c else ''}", fn, xs, tokens=B * T,
+            label = f"prefill d={d} N={B * T} {name}" + (compile_tag(args) if c else "")
+            group.append(bench_step(label, fn, xs, tokens=B * T,
                                     flops=flops, params=list(m.parameters()), peak_tflops=ref.tflops, env=env,
                                     note=note, **timer))
     return compare(group, group[0].name)
