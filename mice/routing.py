@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .bench import bench_step, compare, compile_modes, compile_tag, compiled_fn, context, copy_bandwidth, floor_ms, opt_ints, opt_strs
+from .bench import bench_step, compare, compile_modes, compile_tag, compiled_fn, context, copy_bandwidth, floor_ms
+from .bench import opt_ints, opt_strs
 from .blocks import RMSNorm, SwiGLU, swiglu_hidden
 from .data import token_ids
 from .utils import check_choice, check_int, check_number, check_tensor, check_token_ids, compute_dtype
