@@ -299,11 +299,9 @@ def geometric_training(c: TrainConfig, every: int = 50, val_tokens: int = 16384,
     return {"model": c.model, "val_bpb": ev["bpb"], "curvatures": track, "routing": routing}
 
 # %% ../nbs/09_experiments.ipynb #706714d3
-def _train_row(name: str, compiled: bool, args, device, dtype, env: dict, ref: Result,
-               compile_loss: bool | None = None) -> Result:
-    """Time the forward pass and the trainer's step of model `name` on random tokens. `compile_loss` (default: as the
-    trainer, with the model): whether the cross-entropy is compiled too."""
-    compile_loss = compiled if compile_loss is None else compile_loss
+def _train_row(name: str, compiled: bool, args, device, dtype, env: dict, ref: Result, compile_loss: bool) -> Result:
+    """Time the forward pass and the trainer's step of model `name` on random tokens; `compile_loss`: whether the
+    cross-entropy is compiled too (the trainer compiles it whenever it compiles the model)."""
     torch.manual_seed(0)
     model = build_model(name, args.preset or "tiny").to(device)
     c = model.config

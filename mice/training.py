@@ -404,7 +404,8 @@ def _restore_sync(module):
 def lm_loss(logits: Tensor, y: Tensor) -> Tensor:
     """Mean cross-entropy of `logits` [B, T, V] (any float dtype) against `y` [B, T], in float32. Eager, the cast
     writes a float32 copy of the logits and the backward a float32 gradient; compiled, one fused reduction reads the
-    bf16 logits and the backward writes bf16 (at B*T = 64k, V = 4096: 6 GB of traffic less per step)."""
+    bf16 logits and the backward writes bf16 (`base`, 64k tokens a step, H200: 4.0 ms of loss kernels eager, 0.6 ms
+    compiled; see 09)."""
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
 
